@@ -6,6 +6,8 @@ import dataclasses
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
+import optax
 
 from droppos_jax import losses, masking
 from droppos_jax.models import droppos as droppos_model
@@ -38,15 +40,20 @@ class ObjectiveConfig:
     return self.grid[0] * self.grid[1]
 
 
-def loss_fn(params, model: droppos_model.DropPos, images, key, sigma,
-            cfg: ObjectiveConfig):
-  """(loss, metrics) of DropPos on `images` [B, H, W, 3] with masks from `key`.
+def sample_masks(key, batch_size: int, cfg: ObjectiveConfig):
+  return masking.sample_masks(key, batch_size, cfg.num_patches, cfg.mask_ratio,
+                              cfg.pos_drop_ratio)
+
+
+def masked_loss_fn(params, model: droppos_model.DropPos, images, ids_keep,
+                   drop_mask, sigma, cfg: ObjectiveConfig):
+  """(loss, metrics) of DropPos on `images` [B, H, W, 3] for given masks.
 
   The attentive pass (all patches, true PEs) is forward-only: its output is
-  wrapped in stop_gradient, so XLA prunes its backward entirely.
+  wrapped in stop_gradient, so XLA prunes its backward entirely. metrics
+  carries 'weight_sum' (sum of token weights) so callers can combine
+  micro-batches exactly.
   """
-  ids_keep, drop_mask = masking.sample_masks(
-      key, images.shape[0], cfg.num_patches, cfg.mask_ratio, cfg.pos_drop_ratio)
   token_weights = None
   if cfg.attentive:
     cls_feat, patch_feats = model.apply(
@@ -55,6 +62,87 @@ def loss_fn(params, model: droppos_model.DropPos, images, key, sigma,
     token_weights = losses.attentive_weights(cls_feat, patch_feats, ids_keep,
                                              cfg.tau)
   logits = model.apply({'params': params}, images, ids_keep, drop_mask)
-  return losses.droppos_loss(
+  loss, metrics = losses.droppos_loss(
       logits, ids_keep, drop_mask, grid_hw=cfg.grid, sigma=sigma,
       token_weights=token_weights, official_grid_width=cfg.official_grid_width)
+  weights = drop_mask.astype(jnp.float32)
+  if token_weights is not None:
+    weights = weights * token_weights
+  return loss, dict(metrics, weight_sum=weights.sum())
+
+
+def loss_fn(params, model: droppos_model.DropPos, images, key, sigma,
+            cfg: ObjectiveConfig):
+  """(loss, metrics) with masks drawn from `key`."""
+  ids_keep, drop_mask = sample_masks(key, images.shape[0], cfg)
+  return masked_loss_fn(params, model, images, ids_keep, drop_mask, sigma, cfg)
+
+
+# Metrics normalised by the token weights; the others are normalised by token
+# counts, which are equal in every micro-batch (exact mask counts).
+_WEIGHTED_METRICS = ('loss', 'acc1')
+
+
+def accumulated_grads(params, model, images, ids_keep, drop_mask, sigma,
+                      cfg: ObjectiveConfig, accum_steps: int):
+  """Gradient and metrics of the global-batch loss, computed in micro-batches.
+
+  The loss is sum(w*CE)/sum(w) over the whole batch, so micro-batch gradients
+  are combined weighted by their own sum(w), not averaged: this gives exactly
+  the full-batch gradient (w carries no gradient). Micro-batch m takes rows
+  m, m+A, m+2A, ... so every device contributes to every micro-batch.
+  """
+  grad_fn = jax.value_and_grad(masked_loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (_, metrics), grads = grad_fn(params, model, images, ids_keep, drop_mask,
+                                  sigma, cfg)
+    return grads, metrics
+
+  def split(x):
+    x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  def weighted(micro):
+    (_, metrics), grads = grad_fn(params, model, *micro, sigma, cfg)
+    w = metrics['weight_sum']
+    grads = jax.tree.map(lambda g: g * w, grads)
+    return grads, {k: v * w if k in _WEIGHTED_METRICS else v
+                   for k, v in metrics.items()}
+
+  micro = (split(images), split(ids_keep), split(drop_mask))
+  init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+      weighted, jax.tree.map(lambda x: x[0], micro)))
+  (grads, metrics), _ = jax.lax.scan(
+      lambda carry, m: (jax.tree.map(jnp.add, carry, weighted(m)), None),
+      init, micro)
+  total_w = metrics['weight_sum']
+  grads = jax.tree.map(lambda g: g / total_w, grads)
+  metrics = {k: v / total_w if k in _WEIGHTED_METRICS else
+             (v if k == 'weight_sum' else v / accum_steps)
+             for k, v in metrics.items()}
+  return grads, metrics
+
+
+def make_train_step(model: droppos_model.DropPos, tx, cfg: ObjectiveConfig, *,
+                    sigma_fn, lr_fn, seed: int, accum_steps: int = 1):
+  """Returns `train_step(state, images) -> (state, metrics)`, ready for jit.
+
+  `state` is {'step', 'params', 'opt_state'}. Masks come from
+  fold_in(key(seed), step), so a step is reproducible and resumable.
+  """
+
+  def train_step(state, images):
+    step = state['step']
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    ids_keep, drop_mask = sample_masks(key, images.shape[0], cfg)
+    sigma = sigma_fn(step)
+    grads, metrics = accumulated_grads(state['params'], model, images, ids_keep,
+                                       drop_mask, sigma, cfg, accum_steps)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = dict(metrics, sigma=sigma, lr=lr_fn(step),
+                   grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    return {'step': step + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+  return train_step

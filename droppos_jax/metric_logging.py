@@ -1,0 +1,88 @@
+"""Live view of a run: console progress line, TensorBoard events (clu) and a
+JSON-lines log in the workdir."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+from absl import logging
+from clu import metric_writers
+
+
+def _eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class MetricLogger:
+  """Averages per-step metrics over an interval and writes them out.
+
+  Only the main process writes files; every process may call `add`/`flush`.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, steps_per_epoch: int,
+               global_batch: int, is_main: bool = True, prefix: str = 'train'):
+    self.total_steps = total_steps
+    self.steps_per_epoch = steps_per_epoch
+    self.global_batch = global_batch
+    self.prefix = prefix
+    self.is_main = is_main
+    self._writer = (metric_writers.SummaryWriter(workdir) if is_main
+                    else None)
+    self._jsonl = (open(os.path.join(workdir, f'{prefix}_metrics.jsonl'), 'a')
+                   if is_main else None)
+    self._sums: dict[str, float] = {}
+    self._count = 0
+    self._t0: Optional[float] = None
+    self._t0_step = 0
+
+  def start(self, step: int) -> None:
+    """Marks the time origin for throughput (call after the first compile)."""
+    self._t0, self._t0_step = time.perf_counter(), step
+
+  def add(self, metrics: dict[str, float]) -> None:
+    for k, v in metrics.items():
+      self._sums[k] = self._sums.get(k, 0.) + float(v)
+    self._count += 1
+
+  def flush(self, step: int) -> dict[str, float]:
+    """Writes the interval's means at `step`; returns them."""
+    if not self._count:
+      return {}
+    means = {k: v / self._count for k, v in self._sums.items()}
+    self._sums, self._count = {}, 0
+    now = time.perf_counter()
+    if self._t0 is not None and step > self._t0_step:
+      sec_per_step = (now - self._t0) / (step - self._t0_step)
+      means['images_per_sec'] = self.global_batch / sec_per_step
+      eta = (self.total_steps - step) * sec_per_step
+      self._t0, self._t0_step = now, step
+    else:
+      eta = float('nan')
+    means['epoch'] = step / self.steps_per_epoch
+    if self.is_main:
+      self._writer.write_scalars(step, {f'{self.prefix}/{k}': v
+                                        for k, v in means.items()})
+      self._writer.flush()
+      self._jsonl.write(json.dumps({'step': step, **means}) + '\n')
+      self._jsonl.flush()
+    logging.info(
+        '[%d/%d] ep %.2f | loss %.4f | pos acc %.1f%% (kept-PE %.1f%%) | '
+        'dist %.2f | sigma %.3f | lr %.2e | %.0f img/s | ETA %s',
+        step, self.total_steps, means['epoch'], means.get('loss', float('nan')),
+        100 * means.get('acc1', float('nan')),
+        100 * means.get('acc1_kept', float('nan')),
+        means.get('dist_err', float('nan')), means.get('sigma', float('nan')),
+        means.get('lr', float('nan')), means.get('images_per_sec', float('nan')),
+        _eta(eta))
+    return means
+
+  def close(self) -> None:
+    if self.is_main:
+      self._writer.close()
+      self._jsonl.close()

@@ -1,0 +1,251 @@
+r"""DropPos pre-training.
+
+  python train.py --config configs/demo.py --workdir runs/demo
+  python train.py --config configs/pretrain.py:variant=B/16,epochs=800 \
+      --workdir gs://bucket/run --config.batch_size=4096
+
+Rerunning with the same --workdir resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import signal
+import sys
+from typing import Any
+
+from absl import app, flags, logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from droppos_jax import checkpoint, input_pipeline, metric_logging, optim
+from droppos_jax import pretrain, sharding
+from droppos_jax.losses import make_sigma_schedule
+from droppos_jax.models import droppos as droppos_model
+
+config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:arg]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go; resumed.')
+flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
+                  'jax.distributed.initialize(): auto = if a cluster '
+                  'launcher (TPU pod, SLURM, MPI, JAX_COORDINATOR_ADDRESS) '
+                  'is detected.')
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def image_hw(config) -> tuple[int, int]:
+  size = config.image_size
+  hw = (size, size) if isinstance(size, int) else tuple(size)
+  if len(hw) != 2 or min(hw) <= 0:
+    raise ValueError(f'image_size={size!r}; expected a positive int or '
+                     '(height, width).')
+  return hw
+
+
+def objective_config(config) -> pretrain.ObjectiveConfig:
+  obj = config.objective
+  hw = image_hw(config)
+  patch = droppos_model.vit.decode_variant(config.model.variant).patch_size
+  return pretrain.ObjectiveConfig(
+      image_hw=hw, patch_size=patch, mask_ratio=obj.mask_ratio,
+      pos_drop_ratio=obj.pos_drop_ratio, attentive=obj.attentive, tau=obj.tau,
+      # The reference builds its smoothing map on a (size // 14)-wide grid.
+      official_grid_width=hw[1] // 14 if obj.official_quirks else None)
+
+
+def build_model(config) -> droppos_model.DropPos:
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ValueError(f'model.dtype={m.dtype!r}; valid: {sorted(DTYPES)}.')
+  return droppos_model.droppos_from_config(
+      m.variant, m.projector, dtype=DTYPES[m.dtype], remat=m.remat,
+      width=m.projector_width, depth=m.projector_depth,
+      num_heads=m.projector_heads)
+
+
+def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
+  """(steps_per_epoch, total_steps, warmup_steps) from epochs, in one place."""
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f'batch_size={config.batch_size} exceeds the {num_examples} '
+                     'training examples; lower it.')
+  total = (config.num_train_steps if config.num_train_steps > 0
+           else int(config.epochs * steps_per_epoch))
+  return steps_per_epoch, total, int(config.warmup_epochs * steps_per_epoch)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) pre-training; returns {'losses': {step: loss}, ...}."""
+  # ------------------------------------------------------------------ checks
+  # Everything a user can get wrong is checked here, before any compile.
+  obj_cfg = objective_config(config)
+  model = build_model(config)
+  if config.grad_accum_steps < 1:
+    raise ValueError(f'grad_accum_steps={config.grad_accum_steps} must be >= 1.')
+  for name in ('log_every', 'ckpt_every'):
+    if config[name] < 1:
+      raise ValueError(f'{name}={config[name]} must be >= 1.')
+  input_pipeline.validate_data_config(config.data)
+  mesh = sharding.make_mesh(config.num_devices)
+  sharding.check_batch_divides(config.batch_size, mesh)
+  sharding.check_batch_divides(config.batch_size // config.grad_accum_steps,
+                               mesh, 'batch_size / grad_accum_steps')
+  if config.batch_size % config.grad_accum_steps:
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by '
+                     f'grad_accum_steps={config.grad_accum_steps}.')
+  steps_per_epoch, total_steps, warmup_steps = schedule_lengths(
+      config, input_pipeline.num_train_examples(config.data))
+  peak_lr = config.optim.blr * config.batch_size / 256
+  lr_fn = optim.lr_schedule(peak_lr, total_steps=total_steps,
+                            warmup_steps=warmup_steps, min_lr=config.optim.min_lr)
+  tx = optim.make_optimizer(config.optim, lr_fn)
+  sigma_fn = make_sigma_schedule(
+      config.objective.sigma_schedule, config.objective.sigma,
+      total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info('Config:\n%s', config)
+  logging.info('%d steps (%d/epoch, %d warm-up), peak lr %.3g, grid %s, '
+               'mesh %s, sharding %s.', total_steps, steps_per_epoch,
+               warmup_steps, peak_lr, obj_cfg.grid, dict(mesh.shape),
+               config.sharding)
+
+  # ------------------------------------------------------- model and state
+  hw = obj_cfg.image_hw
+
+  def init_state():
+    params = model.init(jax.random.key(config.seed), jnp.zeros((1, *hw, 3)),
+                        jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))
+    params = params['params']
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': tx.init(params)}
+
+  abstract = jax.eval_shape(init_state)
+  state_sh = sharding.state_shardings(abstract, mesh, config.sharding)
+  logging.info('Parameters: %.2fM (projector %.2fM).',
+               sum(x.size for x in jax.tree.leaves(abstract['params'])) / 1e6,
+               sum(x.size for x in jax.tree.leaves(
+                   abstract['params']['projector'])) / 1e6)
+
+  # ---------------------------------------------------------------- restore
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                 max_to_keep=config.keep_ckpts)
+  model_id = {'model': config.model.to_dict(), 'image_hw': list(hw)}
+  start = ckpts.latest_step()
+  if start is not None:
+    meta = ckpts.restore_meta(start)
+    saved_id = {key: meta.get(key) for key in model_id}
+    if json.loads(json.dumps(model_id)) != saved_id:
+      raise ValueError(f'{workdir} holds a checkpoint of another model '
+                       f'({saved_id}) than the config asks for ({model_id}); '
+                       'use a new --workdir.')
+    state, meta = ckpts.restore(
+        start, checkpoint.abstract_with_shardings(abstract, state_sh))
+    data_step = meta['data_step']
+    logging.info('Resumed from step %d (sigma %.4f).', start, meta['sigma'])
+  else:
+    state = jax.jit(init_state, out_shardings=state_sh)()
+    start = data_step = 0
+
+  # ------------------------------------------------------------------- data
+  local_batch = config.batch_size // jax.process_count()
+  batches = input_pipeline.global_batches(
+      input_pipeline.make_pretrain_iterator(
+          config.data, image_size=hw, local_batch_size=local_batch,
+          seed=config.seed, start_step=data_step,
+          process_index=jax.process_index(),
+          process_count=jax.process_count()),
+      sharding.batch_sharding(mesh))
+
+  # --------------------------------------------------------------- step fn
+  step_fn = pretrain.make_train_step(
+      model, tx, obj_cfg, sigma_fn=sigma_fn, lr_fn=lr_fn, seed=config.seed,
+      accum_steps=config.grad_accum_steps)
+  train_step = jax.jit(
+      step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sh, None), donate_argnums=(0,))
+
+  # ------------------------------------------------------------------ loop
+  preempted = []
+  signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  logger = metric_logging.MetricLogger(
+      workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      global_batch=config.batch_size, is_main=is_main)
+  losses_seen: dict[int, float] = {}
+
+  def record(step, metrics):
+    """Fetches one step's metrics (a step behind, to keep the device busy)."""
+    metrics = jax.device_get(metrics)
+    if not np.isfinite(metrics['loss']):
+      raise FloatingPointError(
+          f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. The '
+          f'last good checkpoint (step {ckpts.latest_step()}) is kept.')
+    losses_seen[step] = float(metrics['loss'])
+    logger.add({k: v for k, v in metrics.items() if k != 'weight_sum'})
+    if step == start + 1:
+      logger.start(step)  # throughput excludes the first compile
+    if step % config.log_every == 0 or step == total_steps:
+      logger.flush(step)
+
+  def save(step, sigma):
+    ckpts.save(step, state, {'step': step, 'data_step': step, 'sigma': sigma,
+                             'seed': config.seed, **model_id})
+
+  pending = None
+  step = start
+  try:
+    for step in range(start + 1, total_steps + 1):
+      state, metrics = train_step(state, next(batches)['image'])
+      if pending is not None:
+        record(*pending)
+      pending = (step, metrics)
+      stop = bool(preempted) or (
+          jax.process_count() > 1 and
+          multihost_utils.reached_preemption_sync_point(step))
+      if step % config.ckpt_every == 0 or step == total_steps or stop:
+        record(*pending)
+        pending = None
+        save(step, float(metrics['sigma']))
+      if stop:
+        logging.warning('Preemption signal: saved step %d, exiting.', step)
+        break
+  finally:
+    ckpts.close()
+    logger.close()
+  return {'losses': losses_seen, 'last_step': step, 'total_steps': total_steps,
+          'preempted': bool(preempted)}
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Orbax logs every save step at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_logger().addFilter(_QuietOrbax())
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None or not workdir:
+    sys.exit('error: --config and --workdir are required.')
+  sharding.maybe_initialize_distributed(flags.FLAGS.distributed)
+  try:
+    train(config, workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  jax.config.update('jax_threefry_partitionable', True)
+  app.run(main)
