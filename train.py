@@ -94,11 +94,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   input_pipeline.validate_data_config(config.data)
   mesh = sharding.make_mesh(config.num_devices)
   sharding.check_batch_divides(config.batch_size, mesh)
-  sharding.check_batch_divides(config.batch_size // config.grad_accum_steps,
-                               mesh, 'batch_size / grad_accum_steps')
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f'batch_size={config.batch_size} is not divisible by '
                      f'grad_accum_steps={config.grad_accum_steps}.')
+  sharding.check_batch_divides(config.batch_size // config.grad_accum_steps,
+                               mesh, 'batch_size / grad_accum_steps')
   steps_per_epoch, total_steps, warmup_steps = schedule_lengths(
       config, input_pipeline.num_train_examples(config.data))
   peak_lr = config.optim.blr * config.batch_size / 256

@@ -141,8 +141,8 @@ def make_train_step(model: droppos_model.DropPos, tx, cfg: ObjectiveConfig, *,
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = dict(metrics, sigma=sigma, lr=lr_fn(step),
-                   grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params))
+                   grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
     return {'step': step + 1, 'params': params, 'opt_state': opt_state}, metrics
 
   return train_step
