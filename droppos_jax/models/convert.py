@@ -1,0 +1,639 @@
+"""Checkpoint conversion between PyTorch ViT/DropPos files and our Flax params.
+
+Reference names (timm/MAE/DropPos, spec §8) map one-to-one onto ours:
+`patch_embed.proj` -> `patch_embed`, `blocks.{i}.*` -> `blocks_{i}/*`,
+`decoder_embed|decoder_blocks.{i}|decoder_norm|decoder_pred` ->
+`projector/{embed,blocks_{i},norm,pred}`. Linear weights are transposed, the
+patch conv goes [D, C, p, p] -> [p, p, C, D], LayerNorm `weight` is `scale`.
+`pos_embed` is no parameter here (we use the fixed sin-cos table): it is checked
+against `posemb_sincos_2d` and used to find the patch grid; a learned one is
+reported loudly and dropped.
+
+Targets (`kind`): 'encoder' (VisionTransformer params), 'droppos' (DropPos:
+`encoder`, `mask_pos_token`, `projector`) and 'classifier' (fine-tuned files:
+`{'encoder', 'fc_norm', 'head'}`; MAE's global-pool model has no final `norm`).
+
+torch and safetensors are optional: they are imported only to read or write
+their formats. Flax params files are msgpack (`flax.serialization`) with a JSON
+sidecar holding the architecture, see `save_flax_params`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import serialization
+
+from droppos_jax.models import droppos as droppos_lib
+from droppos_jax.models import vit
+
+KINDS = ('encoder', 'droppos', 'classifier')
+_CONTAINER_KEYS = ('model', 'state_dict', 'module')
+_HEADS_BY_WIDTH = {v[0]: v[3] for v in vit.VARIANTS.values()}
+_PROJECTOR_HEADS_BY_WIDTH = {v[0]: v[2] for v in droppos_lib.PROJECTORS.values()}
+
+
+# ---------------------------------------------------------------- file I/O ---
+
+def load_torch_state_dict(path) -> dict[str, np.ndarray]:
+  """Reads .pth/.pt (needs torch), .safetensors or .npz into name -> array.
+
+  Unwraps `{'model'|'state_dict'|'module': ...}` containers and strips
+  `module.` prefixes (DDP); floats keep their dtype (bfloat16 via ml_dtypes).
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'No checkpoint file at {path}.')
+  suffix = path.suffix.lower()
+  if suffix == '.safetensors':
+    obj = _read_safetensors(path)
+  elif suffix == '.npz':
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        obj = {k: data[k] for k in data.files}
+    except Exception as e:
+      raise ValueError(f'{path} is not a readable .npz archive: {e}') from e
+  else:
+    obj = _read_torch(path)
+  return unwrap_state_dict(obj, source=str(path))
+
+
+def _read_safetensors(path):
+  try:  # (importing ml_dtypes above lets numpy read bfloat16 tensors)
+    from safetensors.numpy import load_file
+  except ImportError as e:
+    raise ImportError(f'Reading {path} needs `pip install safetensors`.') from e
+  try:
+    return {k: np.array(v) for k, v in load_file(path).items()}
+  except Exception as e:
+    raise ValueError(f'{path} is not a readable .safetensors file: {e}') from e
+
+
+def _read_torch(path):
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+        f'Reading {path} needs PyTorch (`pip install torch`); without it, '
+        'convert the file to .safetensors or .npz elsewhere.') from e
+  import argparse
+  try:
+    # MAE-style files pickle the training args; a Namespace is plain data.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:
+    raise ValueError(
+        f'{path} is not a PyTorch checkpoint that torch.load(weights_only=True) '
+        f'can read ({type(e).__name__}: {str(e).splitlines()[0][:300]}). If it '
+        'holds other pickled objects and you trust it, re-save just its state '
+        'dict with torch.save.') from e
+
+
+def unwrap_state_dict(obj: Any, *, source: str = 'state dict') -> dict[str, np.ndarray]:
+  """Container -> flat name -> numpy array, `module.` prefixes stripped."""
+  while isinstance(obj, Mapping):
+    inner = next((obj[k] for k in _CONTAINER_KEYS
+                  if isinstance(obj.get(k), Mapping)), None)
+    if inner is None:
+      break
+    obj = inner
+  if not isinstance(obj, Mapping) or not obj:
+    raise ValueError(
+        f'{source} is not a checkpoint: expected a non-empty state dict '
+        f'(name -> tensor), optionally under {list(_CONTAINER_KEYS)}; got '
+        f'{type(obj).__name__}.')
+  bad = [str(k) for k, v in obj.items() if not hasattr(v, 'shape')]
+  if bad:
+    raise ValueError(
+        f'{source} is not a checkpoint state dict: entries {bad[:5]} are not '
+        f'tensors (keys found: {sorted(map(str, obj))[:10]}).')
+  return {re.sub(r'^(module\.)+', '', k): _to_numpy(v) for k, v in obj.items()}
+
+
+def _to_numpy(x) -> np.ndarray:
+  if hasattr(x, 'detach'):  # a torch tensor; torch has no numpy bfloat16 view
+    x = x.detach().cpu()
+    if str(x.dtype) == 'torch.bfloat16':
+      return x.float().numpy().astype(ml_dtypes.bfloat16)
+    return x.numpy()
+  return np.asarray(x)
+
+
+def save_torch_state_dict(state: Mapping[str, np.ndarray], path) -> None:
+  """Writes .pth/.pt as {'model': ...} (needs torch), .safetensors or .npz."""
+  path = pathlib.Path(path)
+  arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+  suffix = path.suffix.lower()
+  if suffix in ('.pth', '.pt'):
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(f'Writing {path} needs PyTorch (`pip install torch`); '
+                        'write .safetensors or .npz instead.') from e
+    torch.save({'model': {k: torch.from_numpy(v) for k, v in arrays.items()}},
+               path)
+  elif suffix == '.safetensors':
+    try:
+      from safetensors.numpy import save_file
+    except ImportError as e:
+      raise ImportError(f'Writing {path} needs `pip install safetensors`; '
+                        'write .npz instead.') from e
+    save_file(arrays, path)
+  elif suffix == '.npz':
+    np.savez(path, **arrays)
+  else:
+    raise ValueError(f'Unknown output format {path.name!r}: use .pth, .pt, '
+                     '.safetensors or .npz.')
+
+
+def save_flax_params(params, path, metadata: Mapping[str, Any] | None = None):
+  """Writes params as msgpack (`flax.serialization.msgpack_serialize`).
+
+  `metadata` (e.g. kind and config) goes to a JSON sidecar `<stem>.json`.
+  """
+  path = pathlib.Path(path)
+  if path.suffix != '.msgpack':
+    raise ValueError(f'Flax params files end in .msgpack; got {path.name!r}.')
+  numpy_params = jax.tree.map(np.asarray, params)
+  path.write_bytes(serialization.msgpack_serialize(numpy_params))
+  if metadata is not None:
+    path.with_suffix('.json').write_text(json.dumps(metadata, indent=1) + '\n')
+
+
+def load_flax_params(path) -> tuple[dict, dict | None]:
+  """(params, metadata or None) from a `save_flax_params` file."""
+  path = pathlib.Path(path)
+  data = path.read_bytes()
+  try:
+    params = serialization.msgpack_restore(data)
+  except Exception as e:
+    raise ValueError(f'{path} is not a msgpack Flax params file: {e}') from e
+  if not isinstance(params, dict):
+    raise ValueError(f'{path} holds a {type(params).__name__}, not a params tree.')
+  sidecar = path.with_suffix('.json')
+  meta = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+  return params, meta
+
+
+# ------------------------------------------------------------- name layout ---
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  torch_key: str
+  flax_path: tuple[str, ...]
+  op: str  # 'copy', 'linear' (transpose) or 'conv' ([D,C,p,p] <-> [p,p,C,D])
+  torch_shape: tuple[int, ...] | None  # None: unknown, not checked
+
+
+_TO_FLAX = {'copy': lambda a: a, 'linear': lambda a: a.T,
+            'conv': lambda a: a.transpose(2, 3, 1, 0)}
+_TO_TORCH = {'copy': lambda a: a, 'linear': lambda a: a.T,
+             'conv': lambda a: a.transpose(3, 2, 0, 1)}
+
+
+def _dense(tk, fp, n_in, n_out):
+  return [_Leaf(f'{tk}.weight', fp + ('kernel',), 'linear', (n_out, n_in)),
+          _Leaf(f'{tk}.bias', fp + ('bias',), 'copy', (n_out,))]
+
+
+def _norm(tk, fp, d):
+  return [_Leaf(f'{tk}.weight', fp + ('scale',), 'copy', (d,)),
+          _Leaf(f'{tk}.bias', fp + ('bias',), 'copy', (d,))]
+
+
+def _block(tk, fp, d, mlp):
+  return (_norm(f'{tk}.norm1', fp + ('norm1',), d)
+          + _dense(f'{tk}.attn.qkv', fp + ('attn', 'qkv'), d,
+                   None if d is None else 3 * d)
+          + _dense(f'{tk}.attn.proj', fp + ('attn', 'proj'), d, d)
+          + _norm(f'{tk}.norm2', fp + ('norm2',), d)
+          + _dense(f'{tk}.mlp.fc1', fp + ('mlp', 'fc1'), d, mlp)
+          + _dense(f'{tk}.mlp.fc2', fp + ('mlp', 'fc2'), mlp, d))
+
+
+def _leaves(kind: str, cfg: Mapping[str, Any]) -> list[_Leaf]:
+  """Every tensor of `kind` for architecture `cfg`, with expected shapes."""
+  d, mlp, p, c = cfg['width'], cfg['mlp_dim'], cfg['patch_size'], cfg['in_chans']
+  enc = () if kind == 'encoder' else ('encoder',)
+  out = [_Leaf('patch_embed.proj.weight', enc + ('patch_embed', 'kernel'), 'conv',
+               (d, c, p, p)),
+         _Leaf('patch_embed.proj.bias', enc + ('patch_embed', 'bias'), 'copy', (d,)),
+         _Leaf('cls_token', enc + ('cls_token',), 'copy', (1, 1, d))]
+  for i in range(cfg['depth']):
+    out += _block(f'blocks.{i}', enc + (f'blocks_{i}',), d, mlp)
+  if kind != 'classifier' or cfg['final_norm']:
+    out += _norm('norm', enc + ('norm',), d)
+  if kind == 'droppos':
+    proj = cfg.get('projector') or {}
+    pd, n = proj.get('width'), proj.get('num_positions')
+    out.append(_Leaf('mask_pos_token', ('mask_pos_token',), 'copy', (1, 1, d)))
+    out += _dense('decoder_embed', ('projector', 'embed'), d, pd)
+    for i in range(proj.get('depth', 0)):
+      out += _block(f'decoder_blocks.{i}', ('projector', f'blocks_{i}'), pd,
+                    None if pd is None else 4 * pd)
+    out += _norm('decoder_norm', ('projector', 'norm'), pd)
+    out += _dense('decoder_pred', ('projector', 'pred'), pd, n)
+  if kind == 'classifier':
+    if cfg['fc_norm'] or not cfg['final_norm']:
+      out += _norm('fc_norm', ('fc_norm',), d)
+    out += _dense('head', ('head',), d, cfg.get('num_classes'))
+  # Unknown sizes (None) switch the shape check off for that tensor.
+  return [dataclasses.replace(l, torch_shape=None)
+          if l.torch_shape is None or None in l.torch_shape else l for l in out]
+
+
+# ------------------------------------------------------ architecture guess ---
+
+def _block_ids(keys, prefix):
+  ids = {int(m.group(1)) for k in keys
+         if (m := re.match(re.escape(prefix) + r'\.(\d+)\.', k))}
+  return max(ids) + 1 if ids else 0
+
+
+def _first_shape(sd, pattern, depth):
+  """Output size of the first 2-D `pattern.format(i)` weight, if any."""
+  for i in range(depth):
+    a = sd.get(pattern.format(i))
+    if a is not None and a.ndim == 2:
+      return int(a.shape[0])
+  return None
+
+
+def _match_sincos(table: np.ndarray, tol: float):
+  """(h, w) whose sin-cos table equals `table` [N, D] within tol, or None."""
+  n, d = table.shape
+  if d % 4 or n == 0:
+    return None
+  for h in range(1, n + 1):
+    if n % h == 0:
+      ref = vit.posemb_sincos_2d(h, n // h, d)
+      if np.allclose(table, ref, rtol=0, atol=tol):
+        return h, n // h
+  return None
+
+
+def _analyse_pos_embed(sd, width, grid_hw, dtypes):
+  """(grid, status, cls_row, warnings) from `pos_embed`, if there is one."""
+  pe = sd.get('pos_embed')
+  if pe is None:
+    return grid_hw, 'absent', None, []
+  if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != width or pe.shape[1] < 2:
+    return grid_hw, 'bad shape', None, [
+        f'pos_embed has shape {tuple(pe.shape)}, expected [1, 1+N, {width}]; '
+        'it is dropped.']
+  table, cls_row = pe[0, 1:], pe[0, 0]
+  n = table.shape[0]
+  if grid_hw is not None and grid_hw[0] * grid_hw[1] != n:
+    raise ValueError(f'grid_hw {tuple(grid_hw)} has {grid_hw[0] * grid_hw[1]} '
+                     f'patches but pos_embed has {n} patch rows (plus [cls]).')
+  # Rounding of the stored dtype bounds how well a sin-cos table can match.
+  tol = max(1e-4, float(ml_dtypes.finfo(dtypes.get('pos_embed', np.float32)).eps))
+  if grid_hw is not None:
+    ref = vit.posemb_sincos_2d(*grid_hw, width)
+    found = tuple(grid_hw) if (width % 4 == 0 and np.allclose(
+        table, ref, rtol=0, atol=tol)) else None
+  else:
+    found = _match_sincos(table, tol)
+  warnings = []
+  if np.any(cls_row != 0):
+    warnings.append(
+        'pos_embed has a non-zero [cls] row; it is folded into cls_token '
+        '(exactly equivalent, since that row is only ever added to [cls]).')
+  if found is not None:
+    return found, 'sincos', cls_row, warnings
+  side = math.isqrt(n)
+  grid = tuple(grid_hw) if grid_hw is not None else (
+      (side, side) if side * side == n else None)
+  warnings.append(
+      f'!!! pos_embed is LEARNED (differs from the fixed 2-D sin-cos table by '
+      f'more than {tol:g}): '
+      'our ViT always uses fixed sin-cos PE, so it is DROPPED and the Flax '
+      'model will NOT reproduce the PyTorch outputs without further training.')
+  return grid, 'learned', cls_row, warnings
+
+
+def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
+           dtypes=None):
+  """(config, cls_row, warnings, notes) for a cleaned state dict."""
+  w = sd.get('patch_embed.proj.weight')
+  if w is None or w.ndim != 4:
+    raise ValueError(
+        'Not a ViT checkpoint: it has no 4-D patch_embed.proj.weight '
+        f'(first keys: {sorted(sd)[:8]}).')
+  width, in_chans, patch = (int(s) for s in w.shape[:3])
+  depth = _block_ids(sd, 'blocks')
+  mlp_dim = _first_shape(sd, 'blocks.{}.mlp.fc1.weight', depth) or 4 * width
+  notes = []
+  if num_heads is None:
+    num_heads = _HEADS_BY_WIDTH.get(width)
+    if num_heads is None:
+      notes.append(f'num_heads cannot be read from weights and width {width} is '
+                   'not in vit.VARIANTS: pass num_heads to build the model.')
+  if grid_hw is not None:
+    grid_hw = tuple(int(g) for g in grid_hw)
+  grid, pe_status, cls_row, warnings = _analyse_pos_embed(
+      sd, width, grid_hw, dtypes or {})
+  cfg = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+             patch_size=patch, grid=grid, in_chans=in_chans, pos_embed=pe_status,
+             final_norm='norm.weight' in sd or 'norm.bias' in sd,
+             fc_norm='fc_norm.weight' in sd or 'fc_norm.bias' in sd)
+  if 'head.weight' in sd and sd['head.weight'].ndim == 2:
+    cfg['num_classes'] = int(sd['head.weight'].shape[0])
+  if any(k.startswith('decoder_') for k in sd):
+    pdepth = _block_ids(sd, 'decoder_blocks')
+    emb = sd.get('decoder_embed.weight')
+    pwidth = int(emb.shape[0]) if emb is not None and emb.ndim == 2 else (
+        _first_shape(sd, 'decoder_blocks.{}.attn.proj.weight', pdepth))
+    pred = sd.get('decoder_pred.weight')
+    n = grid[0] * grid[1] if grid else (
+        int(pred.shape[0]) if pred is not None and pred.ndim == 2 else None)
+    heads = projector_num_heads or _PROJECTOR_HEADS_BY_WIDTH.get(pwidth)
+    cfg['projector'] = dict(width=pwidth, depth=pdepth, num_heads=heads,
+                            num_positions=n)
+    if heads is None:
+      notes.append(f'projector num_heads unknown for width {pwidth}: pass '
+                   'projector_num_heads to build the model.')
+    if grid is None and n is not None and math.isqrt(n) ** 2 == n:
+      cfg['grid'] = grid = (math.isqrt(n),) * 2
+  if grid is None:
+    notes.append('Patch grid unknown (no sin-cos pos_embed): pass grid_hw to '
+                 'export this model back to PyTorch.')
+  return cfg, cls_row, warnings, notes
+
+
+def infer_vit_config(state_dict: Mapping[str, Any], *, num_heads: int | None = None,
+                     grid_hw=None, projector_num_heads: int | None = None
+                     ) -> dict[str, Any]:
+  """Architecture of a reference state dict.
+
+  Returns width, depth, mlp_dim, num_heads (weights cannot tell it: the
+  argument, else vit.VARIANTS by width, else None), patch_size, grid (h, w)
+  (from the sin-cos pos_embed, which also fixes non-square grids; else the
+  argument, a square learned table or a square DropPos position count; else
+  None), in_chans, pos_embed ('sincos'|'learned'|'absent'|'bad shape'),
+  final_norm/fc_norm (which LayerNorms the file has), num_classes if it has a
+  head, and `projector` {width, depth, num_heads, num_positions} if it has a
+  DropPos/MAE decoder (num_heads from the argument or PROJECTORS by width).
+  """
+  sd, dtypes = _clean(state_dict)
+  return _infer(sd, num_heads, grid_hw, projector_num_heads, dtypes)[0]
+
+
+def _clean(state_dict):
+  """(float32 arrays without `module.` prefixes, original float dtypes)."""
+  sd = unwrap_state_dict(state_dict)
+  dtypes = {}
+  for k, v in sd.items():
+    if np.issubdtype(v.dtype, np.floating) or v.dtype.name == 'bfloat16':
+      if v.dtype != np.float32:
+        dtypes[k] = v.dtype
+        sd[k] = v.astype(np.float32)
+  return sd, dtypes
+
+
+# -------------------------------------------------------------- conversion ---
+
+@dataclasses.dataclass
+class ConversionReport:
+  """What happened to every tensor of a checkpoint; `str()` is for humans."""
+  kind: str
+  config: dict[str, Any]
+  converted: list[str]
+  unused: list[str]
+  missing: list[str]
+  shape_mismatches: list[tuple[str, tuple, tuple]]
+  warnings: list[str]
+  notes: list[str]
+
+  @property
+  def ok(self) -> bool:
+    return not self.missing and not self.shape_mismatches
+
+  def __str__(self):
+    c = self.config
+    grid = 'x'.join(map(str, c['grid'])) if c.get('grid') else 'unknown'
+    lines = [f'{self.kind}: {len(self.converted)} checkpoint tensors converted.',
+             f'  architecture: width {c["width"]}, depth {c["depth"]}, mlp '
+             f'{c["mlp_dim"]}, heads {c["num_heads"]}, patch {c["patch_size"]}, '
+             f'grid {grid}, in_chans {c["in_chans"]}']
+    if 'projector' in c:
+      lines.append(f'  projector: {c["projector"]}')
+    if 'num_classes' in c:
+      lines.append(f'  head: {c["num_classes"]} classes')
+    lines.append({
+        'sincos': '  pos_embed: fixed 2-D sin-cos, matches ours (not a Flax '
+                  'parameter; regenerated on export).',
+        'learned': '  pos_embed: LEARNED, dropped (see warning).',
+        'absent': '  pos_embed: absent.',
+        'bad shape': '  pos_embed: unexpected shape, dropped.'}[c['pos_embed']])
+    if self.unused:
+      lines.append(f'  unused checkpoint tensors ({len(self.unused)}), NOT '
+                   f'converted: {", ".join(self.unused)}')
+    if self.missing:
+      lines.append(f'  missing tensors ({len(self.missing)}): '
+                   f'{", ".join(self.missing)}')
+    for key, got, want in self.shape_mismatches:
+      lines.append(f'  shape mismatch: {key} is {list(got)}, expected {list(want)}')
+    lines += [f'  WARNING: {w}' for w in self.warnings]
+    lines += [f'  note: {n}' for n in self.notes]
+    return '\n'.join(lines)
+
+
+def _hints(kind, sd, missing):
+  hints = []
+  if kind == 'encoder' and 'norm.weight' in missing and 'fc_norm.weight' in sd:
+    hints.append("this looks like a fine-tuned checkpoint (fc_norm/head, no "
+                 "final norm): use kind='classifier'.")
+  if kind == 'droppos' and 'mask_pos_token' in missing:
+    hints.append("no DropPos projector state here (mask_pos_token missing; MAE "
+                 "and fine-tuned files have none): use kind='encoder'.")
+  if kind == 'classifier' and 'norm.weight' in sd and 'fc_norm.weight' not in sd:
+    hints.append('no fc_norm: this classifier pools [cls] after the final norm '
+                 '(timm style), so its tree has encoder/norm and no fc_norm.')
+  if kind == 'classifier' and 'head.weight' in missing:
+    hints.append("no classification head here: use kind='encoder' (or "
+                 "'droppos' for a DropPos pre-training file).")
+  return hints
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], *, kind: str,
+                  num_heads: int | None = None, grid_hw=None,
+                  projector_num_heads: int | None = None,
+                  strict: bool = True) -> tuple[dict, ConversionReport]:
+  """Reference state dict -> (Flax params of `kind`, report).
+
+  Floats become float32. With `strict`, missing tensors or wrong shapes raise
+  a ValueError carrying the full report; otherwise the params hold what could
+  be converted. Unused tensors never raise but are listed in the report.
+  """
+  if kind not in KINDS:
+    raise ValueError(f'Unknown kind {kind!r}; choose from {KINDS}.')
+  sd, dtypes = _clean(state_dict)
+  cfg, cls_row, warnings, notes = _infer(sd, num_heads, grid_hw,
+                                         projector_num_heads, dtypes)
+  params, used, missing, mismatches = {}, {'pos_embed'}, [], []
+  for leaf in _leaves(kind, cfg):
+    arr = sd.get(leaf.torch_key)
+    if arr is None:
+      missing.append(leaf.torch_key)
+      continue
+    used.add(leaf.torch_key)
+    if leaf.torch_shape is not None and tuple(arr.shape) != leaf.torch_shape:
+      mismatches.append((leaf.torch_key, tuple(arr.shape), leaf.torch_shape))
+      continue
+    node = params
+    for name in leaf.flax_path[:-1]:
+      node = node.setdefault(name, {})
+    node[leaf.flax_path[-1]] = np.ascontiguousarray(_TO_FLAX[leaf.op](arr))
+  if cls_row is not None and np.any(cls_row != 0):
+    enc = params if kind == 'encoder' else params.get('encoder', {})
+    if 'cls_token' in enc:
+      enc['cls_token'] = enc['cls_token'] + cls_row
+  cast = sorted({str(dtypes[k]) for k in used if k in dtypes})
+  if cast:
+    notes.append(f'cast {"/".join(cast)} tensors to float32.')
+  converted = sorted(used - {'pos_embed'} - {m[0] for m in mismatches})
+  report = ConversionReport(
+      kind=kind, config=cfg, converted=converted,
+      unused=sorted(k for k in sd if k not in used), missing=missing,
+      shape_mismatches=mismatches, warnings=warnings,
+      notes=notes + _hints(kind, sd, missing))
+  if strict and not report.ok:
+    raise ValueError(f'Checkpoint does not fit kind {kind!r}:\n{report}')
+  return params, report
+
+
+def _flatten(tree, prefix=()):
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, prefix + (str(k),)))
+    return out
+  return {prefix: tree}
+
+
+def _config_from_flax(flat, kind):
+  enc = () if kind == 'encoder' else ('encoder',)
+  try:
+    p, _, c, d = flat[enc + ('patch_embed', 'kernel')].shape
+  except KeyError:
+    raise ValueError(f'Not a {kind!r} params tree: no '
+                     f'{"/".join(enc + ("patch_embed", "kernel"))}.') from None
+  depth = max((int(m.group(1)) for path in flat if len(path) > len(enc)
+               if (m := re.fullmatch(r'blocks_(\d+)', path[len(enc)]))),
+              default=-1) + 1
+  fc1 = flat.get(enc + ('blocks_0', 'mlp', 'fc1', 'kernel'))
+  cfg = dict(width=d, depth=depth, patch_size=p, in_chans=c,
+             mlp_dim=fc1.shape[1] if fc1 is not None else None,
+             final_norm=enc + ('norm', 'scale') in flat,
+             fc_norm=('fc_norm', 'scale') in flat)
+  if kind == 'droppos':
+    pdepth = max((int(m.group(1)) for path in flat if path[0] == 'projector'
+                  if (m := re.fullmatch(r'blocks_(\d+)', path[1]))),
+                 default=-1) + 1
+    emb = flat.get(('projector', 'embed', 'kernel'))
+    pred = flat.get(('projector', 'pred', 'kernel'))
+    cfg['projector'] = dict(
+        width=None if emb is None else emb.shape[1], depth=pdepth,
+        num_positions=None if pred is None else pred.shape[1])
+  if kind == 'classifier' and ('head', 'kernel') in flat:
+    cfg['num_classes'] = flat[('head', 'kernel')].shape[1]
+  return cfg
+
+
+def flax_to_torch(params: Mapping[str, Any], *, kind: str,
+                  grid_hw) -> dict[str, np.ndarray]:
+  """Flax params of `kind` -> reference state dict, incl. the sin-cos
+  `pos_embed` [1, 1+h*w, D] (zero [cls] row) for the (h, w) patch grid."""
+  if kind not in KINDS:
+    raise ValueError(f'Unknown kind {kind!r}; choose from {KINDS}.')
+  if isinstance(params, Mapping) and set(params) == {'params'}:
+    params = params['params']
+  flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
+  cfg = _config_from_flax(flat, kind)
+  h, w = (int(g) for g in grid_hw)
+  n = cfg.get('projector', {}).get('num_positions')
+  if n is not None and n != h * w:
+    raise ValueError(f'grid_hw {(h, w)} has {h * w} positions but the projector '
+                     f'predicts {n}.')
+  leaves = _leaves(kind, cfg)
+  missing = ['/'.join(l.flax_path) for l in leaves if l.flax_path not in flat]
+  extra = sorted('/'.join(k) for k in set(flat) - {l.flax_path for l in leaves})
+  if missing or extra:
+    raise ValueError(f'params do not have the {kind!r} layout: missing '
+                     f'{missing or "nothing"}; unexpected {extra or "nothing"}.')
+  d = cfg['width']
+  state = {l.torch_key: np.ascontiguousarray(_TO_TORCH[l.op](flat[l.flax_path]))
+           for l in leaves}
+  pos = np.concatenate([np.zeros((1, d), np.float32),
+                        vit.posemb_sincos_2d(h, w, d)])[None]
+  return {'pos_embed': pos, **state}
+
+
+# ------------------------------------------------------------ model checks ---
+
+def check_compatible(params, reference_params) -> None:
+  """Raises a ValueError naming every path that is missing, unexpected or of
+  the wrong shape in `params` relative to `reference_params` (e.g. from
+  `jax.eval_shape(model.init, ...)`; a top-level {'params': ...} is unwrapped).
+  """
+  def flat(tree):
+    if isinstance(tree, Mapping) and set(tree) == {'params'}:
+      tree = tree['params']
+    return {'/'.join(k): tuple(np.shape(v)) for k, v in _flatten(tree).items()}
+  got, want = flat(params), flat(reference_params)
+  problems = [f'missing {k} {list(want[k])}' for k in sorted(set(want) - set(got))]
+  problems += [f'unexpected {k} {list(got[k])}' for k in sorted(set(got) - set(want))]
+  problems += [f'{k}: checkpoint {list(got[k])} vs model {list(want[k])}'
+               for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  if problems:
+    raise ValueError('Converted params do not fit the model ('
+                     f'{len(problems)} problems):\n  ' + '\n  '.join(problems))
+
+
+def abstract_params(kind: str, config: Mapping[str, Any]):
+  """Shape tree of our `kind` model for `config` (format of infer_vit_config).
+
+  num_heads does not change shapes, so an unknown one is replaced by 1. The
+  'classifier' tree is the fine-tuning layout: encoder without the final
+  `norm`, plus `fc_norm` and `head`.
+  """
+  if kind not in KINDS:
+    raise ValueError(f'Unknown kind {kind!r}; choose from {KINDS}.')
+  c = config
+  encoder = vit.VisionTransformer(c['width'], c['depth'], c['mlp_dim'],
+                                  c.get('num_heads') or 1, c['patch_size'])
+  p = c['patch_size']
+  images = jax.ShapeDtypeStruct((1, p, p, c.get('in_chans', 3)), jnp.float32)
+  rng = jax.random.key(0)
+  if kind == 'encoder':
+    return jax.eval_shape(encoder.init, rng, images)['params']
+  if kind == 'classifier':
+    def trunk(module, x):  # embedding and blocks only: no final norm
+      x, _ = module.embed_patches(x)
+      for blk in module.blocks:
+        x = blk(x)
+      return x
+    enc = jax.eval_shape(lambda x: encoder.init(rng, x, method=trunk), images)
+    d, k = c['width'], c['num_classes']
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    return {'encoder': enc['params'], 'fc_norm': {'scale': s(d), 'bias': s(d)},
+            'head': {'kernel': s(d, k), 'bias': s(k)}}
+  proj = c['projector']
+  n = proj['num_positions']
+  grid = c.get('grid') or (1, n)
+  images = jax.ShapeDtypeStruct((1, grid[0] * p, grid[1] * p, c.get('in_chans', 3)),
+                                jnp.float32)
+  model = droppos_lib.DropPos(encoder, droppos_lib.Projector(
+      proj['width'], proj['depth'], proj.get('num_heads') or 1))
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  mask = jax.ShapeDtypeStruct((1, 1), jnp.bool_)
+  return jax.eval_shape(model.init, rng, images, ids, mask)['params']

@@ -1,0 +1,404 @@
+"""Checkpoint conversion: parity with a torch reference, round trips, errors."""
+import argparse
+import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from droppos_jax.models import convert, droppos, vit
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HW = (32, 48)  # non-square: grid 4 x 6
+WIDTH, DEPTH, HEADS, PATCH = 32, 2, 2, 8
+
+
+@pytest.fixture(scope='module')
+def tr():
+  pytest.importorskip('torch')
+  import torch_reference
+  return torch_reference
+
+
+@pytest.fixture(scope='module')
+def cli():
+  spec = importlib.util.spec_from_file_location('convert_checkpoint',
+                                                ROOT / 'convert_checkpoint.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _images(hw, seed=0):
+  return np.random.default_rng(seed).normal(size=(2, *hw, 3)).astype(np.float32)
+
+
+def _torch_run(model, *args):
+  import torch
+  tensors = [torch.from_numpy(np.asarray(a)) for a in args]
+  tensors[0] = tensors[0].permute(0, 3, 1, 2)  # NHWC -> NCHW
+  with torch.no_grad():
+    return model(*tensors).numpy()
+
+
+def _state(model):
+  return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _encoder():
+  return vit.VisionTransformer(WIDTH, DEPTH, 4 * WIDTH, HEADS, PATCH)
+
+
+def _random_like(tree, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: rng.normal(size=s.shape).astype(np.float32), tree)
+
+
+def _assert_trees_equal(a, b):
+  fa, fb = convert._flatten(a), convert._flatten(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg='/'.join(k))
+
+
+# ------------------------------------------------------------------- parity ---
+
+@pytest.mark.parametrize('hw', [(32, 32), HW])
+def test_encoder_matches_torch(tr, hw):
+  tm = tr.VisionTransformer(hw, PATCH, WIDTH, DEPTH, HEADS)
+  params, report = convert.torch_to_flax(_state(tm), kind='encoder')
+  grid = (hw[0] // PATCH, hw[1] // PATCH)
+  assert report.ok and not report.unused and not report.warnings
+  assert report.config == convert.infer_vit_config(tm.state_dict())
+  assert {k: report.config[k] for k in
+          ('width', 'depth', 'mlp_dim', 'num_heads', 'patch_size', 'grid',
+           'pos_embed')} == dict(width=WIDTH, depth=DEPTH, mlp_dim=4 * WIDTH,
+                                 num_heads=HEADS, patch_size=PATCH, grid=grid,
+                                 pos_embed='sincos')
+  model = _encoder()
+  images = _images(hw)
+  convert.check_compatible(params, jax.eval_shape(model.init, jax.random.key(0),
+                                                  images))
+  convert.check_compatible(params, convert.abstract_params('encoder', report.config))
+  ours = model.apply({'params': params}, images)['tokens']
+  np.testing.assert_allclose(ours, _torch_run(tm.forward_features, images),
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_classifier_matches_torch(tr):
+  """MAE's fine-tuned model: no final norm; fc_norm(mean of patch tokens)."""
+  tm = tr.VisionTransformer(HW, PATCH, WIDTH, DEPTH, HEADS, num_classes=5,
+                            global_pool=True)
+  params, report = convert.torch_to_flax(_state(tm), kind='classifier')
+  assert report.ok and not report.unused and report.config['num_classes'] == 5
+  assert set(params) == {'encoder', 'fc_norm', 'head'}
+  assert 'norm' not in params['encoder']
+  convert.check_compatible(params,
+                           convert.abstract_params('classifier', report.config))
+
+  def trunk(module, images):  # embed + PE + [cls] + blocks, no final norm
+    x, grid = module.embed_patches(images)
+    x = x + module.posemb(grid)
+    cls = jnp.broadcast_to(module.cls_token, (x.shape[0], 1, module.width))
+    x = jnp.concatenate([cls, x], axis=1)
+    for blk in module.blocks:
+      x = blk(x)
+    return x
+
+  images = _images(HW)
+  tokens = _encoder().apply({'params': params['encoder']}, images, method=trunk)
+  pooled = nn.LayerNorm(epsilon=1e-6).apply({'params': params['fc_norm']},
+                                            tokens[:, 1:].mean(axis=1))
+  logits = pooled @ params['head']['kernel'] + params['head']['bias']
+  np.testing.assert_allclose(logits, _torch_run(tm, images), atol=1e-4, rtol=1e-4)
+
+
+def test_timm_style_classifier_keeps_final_norm(tr):
+  """timm's default head: [cls] after the final norm, no fc_norm."""
+  tm = tr.VisionTransformer(HW, PATCH, WIDTH, DEPTH, HEADS, num_classes=5)
+  state = _state(tm)
+  params, report = convert.torch_to_flax(state, kind='classifier')
+  assert report.ok and not report.unused and 'fc_norm' not in params
+  assert any('pools [cls] after the final norm' in n for n in report.notes)
+  images = _images(HW)
+  cls = _encoder().apply({'params': params['encoder']}, images)['cls']
+  logits = cls @ params['head']['kernel'] + params['head']['bias']
+  np.testing.assert_allclose(logits, _torch_run(tm, images)[:, 0],
+                             atol=1e-4, rtol=1e-4)
+  back = convert.flax_to_torch(params, kind='classifier', grid_hw=(4, 6))
+  assert back.keys() == state.keys()
+
+
+def test_droppos_matches_torch(tr):
+  tm = tr.DropPos(HW, PATCH, WIDTH, DEPTH, HEADS, decoder_dim=16,
+                  decoder_depth=2, decoder_heads=2)
+  params, report = convert.torch_to_flax(_state(tm), kind='droppos',
+                                         projector_num_heads=2)
+  assert report.ok and not report.unused
+  assert report.config['projector'] == dict(width=16, depth=2, num_heads=2,
+                                            num_positions=24)
+  rng = np.random.default_rng(1)
+  ids_keep = np.stack([rng.permutation(24)[:12] for _ in range(2)])
+  drop_mask = rng.random((2, 12)) < 0.75
+  model = droppos.DropPos(_encoder(), droppos.Projector(16, 2, 2))
+  images = _images(HW)
+  convert.check_compatible(params, jax.eval_shape(
+      model.init, jax.random.key(0), images, ids_keep, drop_mask))
+  convert.check_compatible(params, convert.abstract_params('droppos', report.config))
+  ours = model.apply({'params': params}, images, ids_keep, drop_mask, train=False)
+  np.testing.assert_allclose(ours, _torch_run(tm, images, ids_keep, drop_mask),
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_cls_row_of_pos_embed_is_folded_into_cls_token(tr):
+  import torch
+  tm = tr.VisionTransformer(HW, PATCH, WIDTH, DEPTH, HEADS)
+  with torch.no_grad():
+    tm.pos_embed[0, 0] = torch.linspace(-1, 1, WIDTH)
+  params, report = convert.torch_to_flax(_state(tm), kind='encoder')
+  assert report.config['pos_embed'] == 'sincos'
+  assert any('folded into cls_token' in w for w in report.warnings)
+  images = _images(HW)
+  np.testing.assert_allclose(_encoder().apply({'params': params}, images)['tokens'],
+                             _torch_run(tm.forward_features, images),
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_learned_pos_embed_is_reported_and_dropped(tr):
+  tm = tr.VisionTransformer((32, 32), PATCH, WIDTH, DEPTH, HEADS)
+  state = _state(tm)
+  state['pos_embed'] = np.random.default_rng(0).normal(
+      size=state['pos_embed'].shape).astype(np.float32) * 0.02
+  params, report = convert.torch_to_flax(state, kind='encoder')
+  assert report.config['pos_embed'] == 'learned'
+  assert report.config['grid'] == (4, 4)  # square table: side = sqrt(N)
+  assert 'LEARNED' in str(report) and 'DROPPED' in str(report)
+  assert 'pos_embed' not in convert._flatten(params)
+
+
+def test_exported_pos_embed_matches_mae_table(tr):
+  params = _random_like(convert.abstract_params(
+      'encoder', dict(width=WIDTH, depth=1, mlp_dim=64, patch_size=PATCH)))
+  state = convert.flax_to_torch(params, kind='encoder', grid_hw=(4, 6))
+  np.testing.assert_allclose(state['pos_embed'], tr.sincos_pos_embed(WIDTH, (4, 6)),
+                             atol=1e-6)
+
+
+# --------------------------------------------------------------- round trips ---
+
+_CFG = dict(width=WIDTH, depth=DEPTH, mlp_dim=4 * WIDTH, num_heads=HEADS,
+            patch_size=PATCH, grid=(4, 6), num_classes=7,
+            projector=dict(width=16, depth=2, num_heads=2, num_positions=24))
+
+
+@pytest.mark.parametrize('kind', convert.KINDS)
+@pytest.mark.parametrize('suffix', ['.npz', '.safetensors', '.pth'])
+def test_flax_torch_flax_round_trip_is_exact(kind, suffix, tmp_path):
+  if suffix == '.safetensors':
+    pytest.importorskip('safetensors')
+  if suffix == '.pth':
+    pytest.importorskip('torch')
+  params = _random_like(convert.abstract_params(kind, _CFG))
+  state = convert.flax_to_torch(params, kind=kind, grid_hw=(4, 6))
+  assert state['pos_embed'].shape == (1, 25, WIDTH)
+  assert not state['pos_embed'][0, 0].any()
+  path = tmp_path / f'ckpt{suffix}'
+  convert.save_torch_state_dict(state, path)
+  loaded = convert.load_torch_state_dict(path)
+  back, report = convert.torch_to_flax(loaded, kind=kind, projector_num_heads=2)
+  assert report.ok and not report.unused and report.config['grid'] == (4, 6)
+  _assert_trees_equal(back, params)
+
+
+def test_torch_flax_torch_round_trip_is_exact(tr):
+  tm = tr.DropPos(HW, PATCH, WIDTH, DEPTH, HEADS, 16, 2, 2)
+  state = _state(tm)
+  params, _ = convert.torch_to_flax(state, kind='droppos')
+  back = convert.flax_to_torch(params, kind='droppos', grid_hw=(4, 6))
+  assert back.keys() == state.keys()
+  for k in state:
+    np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+
+
+# -------------------------------------------------------------- file reading ---
+
+def test_containers_prefixes_and_dtypes(tr, tmp_path):
+  import torch
+  tm = tr.VisionTransformer(HW, PATCH, WIDTH, 1, HEADS)
+  sd = tm.state_dict()
+  ddp = {f'module.{k}': v for k, v in sd.items()}
+  cases = {
+      'model.pth': {'model': ddp, 'epoch': 3, 'args': argparse.Namespace(lr=1.)},
+      'sd.pth': {'state_dict': sd},
+      'module.pt': {'module': sd},
+  }
+  for name, obj in cases.items():
+    torch.save(obj, tmp_path / name)
+    loaded = convert.load_torch_state_dict(tmp_path / name)
+    assert loaded.keys() == sd.keys(), name
+    np.testing.assert_array_equal(loaded['cls_token'], sd['cls_token'].numpy())
+  torch.save({k: v.bfloat16() for k, v in sd.items()}, tmp_path / 'bf16.pth')
+  loaded = convert.load_torch_state_dict(tmp_path / 'bf16.pth')
+  assert loaded['cls_token'].dtype == ml_dtypes.bfloat16
+  params, report = convert.torch_to_flax(loaded, kind='encoder')
+  assert params['cls_token'].dtype == np.float32
+  assert report.ok and report.config['pos_embed'] == 'sincos'  # bf16 tolerance
+  half = {k: v.numpy().astype(np.float16) for k, v in sd.items()}
+  params, report = convert.torch_to_flax(half, kind='encoder')
+  assert params['cls_token'].dtype == np.float32
+  assert any('float16' in n for n in report.notes)
+
+
+def test_non_checkpoint_files_raise_naming_the_file(tr, tmp_path):
+  import torch
+  for name in ('junk.pth', 'junk.npz', 'junk.safetensors'):
+    (tmp_path / name).write_text('not a checkpoint')
+    with pytest.raises(ValueError, match=name):
+      convert.load_torch_state_dict(tmp_path / name)
+  torch.save([1, 2, 3], tmp_path / 'list.pth')
+  with pytest.raises(ValueError, match='list.pth is not a checkpoint'):
+    convert.load_torch_state_dict(tmp_path / 'list.pth')
+  torch.save({'epoch': 3, 'lr': 0.1}, tmp_path / 'meta.pth')
+  with pytest.raises(ValueError, match='meta.pth is not a checkpoint state dict'):
+    convert.load_torch_state_dict(tmp_path / 'meta.pth')
+  np.savez(tmp_path / 'other.npz', weights=np.zeros(3))
+  with pytest.raises(ValueError, match='Not a ViT checkpoint'):
+    convert.torch_to_flax(convert.load_torch_state_dict(tmp_path / 'other.npz'),
+                          kind='encoder')
+  with pytest.raises(FileNotFoundError):
+    convert.load_torch_state_dict(tmp_path / 'absent.pth')
+
+
+def test_torch_formats_without_torch_give_clear_errors(monkeypatch, tmp_path):
+  path = tmp_path / 'x.pth'
+  path.write_bytes(b'\0')
+  monkeypatch.setitem(sys.modules, 'torch', None)  # import torch -> ImportError
+  with pytest.raises(ImportError, match='pip install torch.*safetensors or .npz'):
+    convert.load_torch_state_dict(path)
+  with pytest.raises(ImportError, match='pip install torch'):
+    convert.save_torch_state_dict({'a': np.zeros(1)}, tmp_path / 'y.pth')
+  with pytest.raises(ValueError, match='Unknown output format'):
+    convert.save_torch_state_dict({'a': np.zeros(1)}, tmp_path / 'y.bin')
+
+
+def test_library_import_does_not_import_torch():
+  code = ('import sys, droppos_jax.models.convert; '
+          'assert "torch" not in sys.modules')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------- bad inputs ---
+
+@pytest.fixture(scope='module')
+def droppos_state(tr):
+  return _state(tr.DropPos(HW, PATCH, WIDTH, DEPTH, HEADS, 16, 2, 2))
+
+
+def test_missing_and_misshapen_tensors_raise(droppos_state):
+  state = dict(droppos_state)
+  del state['blocks.1.attn.qkv.weight']
+  state['decoder_blocks.0.mlp.fc1.weight'] = np.zeros((48, 16), np.float32)
+  with pytest.raises(ValueError) as err:
+    convert.torch_to_flax(state, kind='droppos')
+  msg = str(err.value)
+  assert 'missing tensors (1): blocks.1.attn.qkv.weight' in msg
+  assert 'decoder_blocks.0.mlp.fc1.weight is [48, 16], expected [64, 16]' in msg
+  params, report = convert.torch_to_flax(state, kind='droppos', strict=False)
+  assert report.missing == ['blocks.1.attn.qkv.weight']
+  assert 'kernel' not in params['encoder']['blocks_1']['attn']['qkv']
+
+
+def test_unused_tensors_are_listed(droppos_state):
+  params, report = convert.torch_to_flax(droppos_state, kind='encoder')
+  expected = sorted(k for k in droppos_state
+                    if k.startswith('decoder_') or k == 'mask_pos_token')
+  assert report.ok and report.unused == expected
+  assert 'decoder_pred.weight' in str(report) and 'NOT converted' in str(report)
+  assert set(params) == {'patch_embed', 'cls_token', 'blocks_0', 'blocks_1', 'norm'}
+
+
+def test_wrong_kind_gives_hints(tr, droppos_state):
+  finetuned = _state(tr.VisionTransformer(HW, PATCH, WIDTH, DEPTH, HEADS,
+                                          num_classes=5, global_pool=True))
+  with pytest.raises(ValueError, match="(?s)norm.weight.*kind='classifier'"):
+    convert.torch_to_flax(finetuned, kind='encoder')
+  mae = {k: v for k, v in droppos_state.items()
+         if not k.startswith('decoder_') and k != 'mask_pos_token'}
+  with pytest.raises(ValueError, match="(?s)mask_pos_token.*kind='encoder'"):
+    convert.torch_to_flax(mae, kind='droppos')
+  with pytest.raises(ValueError, match='Unknown kind'):
+    convert.torch_to_flax(mae, kind='decoder')
+  with pytest.raises(ValueError, match=r'grid_hw \(5, 5\) has 25 patches.*24'):
+    convert.torch_to_flax(mae, kind='encoder', grid_hw=(5, 5))
+
+
+@pytest.mark.parametrize('size, expected', [
+    (dict(width=64), 'patch_embed/kernel: checkpoint [8, 8, 3, 32] vs model [8, 8, 3, 64]'),
+    (dict(patch_size=16), 'patch_embed/kernel: checkpoint [8, 8, 3, 32] vs model [16, 16, 3, 32]'),
+    (dict(depth=3), 'missing blocks_2/attn/qkv/kernel [32, 96]'),
+    (dict(depth=1), 'unexpected blocks_1/mlp/fc2/bias [32]'),
+])
+def test_wrong_model_size_is_named(droppos_state, size, expected):
+  params, report = convert.torch_to_flax(droppos_state, kind='encoder')
+  target = dict(report.config, **size)
+  with pytest.raises(ValueError, match=re.escape(expected)):
+    convert.check_compatible(params, convert.abstract_params('encoder', target))
+
+
+def test_export_checks_layout_and_grid():
+  params = _random_like(convert.abstract_params('droppos', _CFG))
+  with pytest.raises(ValueError, match='predicts 24'):
+    convert.flax_to_torch(params, kind='droppos', grid_hw=(5, 5))
+  del params['projector']['norm']
+  with pytest.raises(ValueError, match='(?s)missing.*projector/norm/scale'):
+    convert.flax_to_torch(params, kind='droppos', grid_hw=(4, 6))
+  enc = _random_like(convert.abstract_params('encoder', _CFG))
+  enc['extra'] = np.zeros(3, np.float32)
+  with pytest.raises(ValueError, match='(?s)unexpected.*extra'):
+    convert.flax_to_torch(enc, kind='encoder', grid_hw=(4, 6))
+
+
+# ------------------------------------------------------------------ command ---
+
+def test_command_end_to_end(tr, cli, droppos_state, tmp_path, capsys):
+  import torch
+  src = tmp_path / 'droppos.pth'
+  torch.save({'model': {f'module.{k}': torch.from_numpy(v)
+                        for k, v in droppos_state.items()},
+              'epoch': 99, 'args': argparse.Namespace(model='tiny')}, src)
+  flax_file = tmp_path / 'droppos.msgpack'
+  assert cli.main(['--input', str(src), '--output', str(flax_file),
+                   '--kind', 'droppos', '--projector_num_heads', '2']) == 0
+  assert 'droppos: 60 checkpoint tensors converted' in capsys.readouterr().out
+  params, meta = convert.load_flax_params(flax_file)
+  expected, _ = convert.torch_to_flax(droppos_state, kind='droppos')
+  _assert_trees_equal(params, expected)
+  assert meta['kind'] == 'droppos' and meta['config']['grid'] == [4, 6]
+
+  out = tmp_path / 'back.safetensors'
+  assert cli.main(['--direction', 'flax2torch', '--input', str(flax_file),
+                   '--output', str(out), '--kind', 'droppos']) == 0
+  back = convert.load_torch_state_dict(out)
+  assert back.keys() == droppos_state.keys()
+  for k in back:
+    np.testing.assert_array_equal(back[k], droppos_state[k], err_msg=k)
+
+  # A ViT-S/8 model cannot take this width-32 checkpoint: error, no output.
+  assert cli.main(['--input', str(src), '--output', str(tmp_path / 's.msgpack'),
+                   '--kind', 'droppos', '--variant', 'S/8']) == 1
+  err = capsys.readouterr().err
+  assert 'encoder/patch_embed/kernel: checkpoint [8, 8, 3, 32] vs model [8, 8, 3, 384]' in err
+  assert not (tmp_path / 's.msgpack').exists()
+  junk = tmp_path / 'junk.pth'
+  junk.write_text('hello')
+  assert cli.main(['--input', str(junk), '--output', str(tmp_path / 'j.msgpack'),
+                   '--kind', 'encoder']) == 1
+  assert 'junk.pth' in capsys.readouterr().err

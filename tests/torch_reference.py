@@ -1,0 +1,162 @@
+"""Tiny torch.nn ViT and DropPos in the reference (timm/MAE) layout, for tests.
+
+Same math and parameter names as the authors' code: pre-LN blocks, LayerNorm
+eps 1e-6, exact GELU, fused qkv, fixed sin-cos `pos_embed` stored in the state
+dict with a zero [cls] row. timm itself is not importable here (see
+ENVIRONMENT.md), so this is written out by hand.
+"""
+import numpy as np
+import torch
+from torch import nn
+
+
+def sincos_pos_embed(dim, grid_hw):
+  """MAE's get_2d_sincos_pos_embed, generalised to h x w, with a zero [cls] row."""
+  h, w = grid_hw
+  grid = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+
+  def one_d(d, pos):
+    omega = 1. / 10000**(np.arange(d // 2, dtype=np.float64) / (d / 2.))
+    out = np.einsum('m,d->md', pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  emb = np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+  return np.concatenate([np.zeros((1, dim)), emb])[None].astype(np.float32)
+
+
+class PatchEmbed(nn.Module):
+
+  def __init__(self, patch, dim, in_chans=3):
+    super().__init__()
+    self.proj = nn.Conv2d(in_chans, dim, patch, patch)
+
+  def forward(self, x):
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+
+  def __init__(self, dim, heads):
+    super().__init__()
+    self.heads = heads
+    self.qkv = nn.Linear(dim, 3 * dim)
+    self.proj = nn.Linear(dim, dim)
+
+  def forward(self, x):
+    b, n, c = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1) * (c // self.heads)**-0.5).softmax(dim=-1)
+    return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+
+  def __init__(self, dim, hidden):
+    super().__init__()
+    self.fc1 = nn.Linear(dim, hidden)
+    self.act = nn.GELU()
+    self.fc2 = nn.Linear(hidden, dim)
+
+  def forward(self, x):
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+
+  def __init__(self, dim, heads, mlp_ratio=4.):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = Attention(dim, heads)
+    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+def _randomise(module, seed):
+  """Random weights everywhere (incl. LayerNorm affine) so no mapping hides."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if name == 'pos_embed':
+        continue
+      scale = p[0].numel()**-0.5 if p.ndim >= 2 and p.shape[0] > 1 else 0.2
+      shift = 1. if 'norm' in name and name.endswith('.weight') else 0.
+      p.copy_(torch.randn(p.shape, generator=gen) * scale + shift)
+
+
+class VisionTransformer(nn.Module):
+  """MAE's models_vit layout. With num_classes and global_pool it is the
+  fine-tuned model: mean of patch tokens -> fc_norm -> head, no final norm."""
+
+  def __init__(self, image_hw, patch, dim, depth, heads, mlp_ratio=4.,
+               num_classes=0, global_pool=False, seed=0):
+    super().__init__()
+    self.grid = (image_hw[0] // patch, image_hw[1] // patch)
+    self.patch_embed = PatchEmbed(patch, dim)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed(dim, self.grid)),
+                                  requires_grad=False)
+    self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+    self.global_pool = global_pool
+    if global_pool:
+      self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+    else:
+      self.norm = nn.LayerNorm(dim, eps=1e-6)
+    if num_classes:
+      self.head = nn.Linear(dim, num_classes)
+    _randomise(self, seed)
+
+  def tokens(self, x):
+    """[B, 3, H, W] -> [B, 1+N, D] after the blocks (before any final LN)."""
+    x = self.patch_embed(x) + self.pos_embed[:, 1:]
+    cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for blk in self.blocks:
+      x = blk(x)
+    return x
+
+  def forward_features(self, x):
+    x = self.tokens(x)
+    return self.fc_norm(x[:, 1:].mean(dim=1)) if self.global_pool else self.norm(x)
+
+  def forward(self, x):
+    return self.head(self.forward_features(x))
+
+
+class DropPos(VisionTransformer):
+  """Encoder + mask_pos_token + decoder_* projector (no PE), reference forward."""
+
+  def __init__(self, image_hw, patch, dim, depth, heads, decoder_dim,
+               decoder_depth, decoder_heads, seed=0):
+    super().__init__(image_hw, patch, dim, depth, heads, seed=seed)
+    n = self.grid[0] * self.grid[1]
+    self.mask_pos_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.decoder_embed = nn.Linear(dim, decoder_dim)
+    self.decoder_blocks = nn.ModuleList(
+        [Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
+    self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+    self.decoder_pred = nn.Linear(decoder_dim, n)
+    _randomise(self, seed + 1)
+
+  def forward(self, imgs, ids_keep, drop_mask):
+    """Position logits [B, K, N] for visible tokens `ids_keep` [B, K]; tokens
+    with drop_mask True get mask_pos_token instead of their PE."""
+    x = self.patch_embed(imgs)
+    d = x.shape[-1]
+    idx = ids_keep.unsqueeze(-1).expand(-1, -1, d)
+    x = torch.gather(x, 1, idx)
+    pos = torch.gather(self.pos_embed[:, 1:].expand(x.shape[0], -1, -1), 1, idx)
+    pos = torch.where(drop_mask.unsqueeze(-1), self.mask_pos_token.expand_as(pos), pos)
+    x = x + pos
+    cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for blk in self.blocks:
+      x = blk(x)
+    x = self.decoder_embed(self.norm(x))
+    for blk in self.decoder_blocks:
+      x = blk(x)
+    return self.decoder_pred(self.decoder_norm(x))[:, 1:]
