@@ -7,6 +7,8 @@ removed at start-up (`cleanup_tmp_directories`).
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Optional
 
 import jax
@@ -66,3 +68,38 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state, shardings)
+
+
+def resolve_step_dir(path: str) -> str:
+  """A pre-training workdir, its checkpoints/ folder or one step folder ->
+  the step folder to read (the latest complete one for folders)."""
+  for candidate in (path, os.path.join(path, 'checkpoints')):
+    if os.path.isdir(os.path.join(candidate, 'state')):
+      return candidate
+    if os.path.isdir(candidate):
+      steps = [int(d) for d in os.listdir(candidate) if d.isdigit() and
+               os.path.isdir(os.path.join(candidate, d, 'state'))]
+      if steps:
+        return os.path.join(candidate, str(max(steps)))
+  raise ValueError(f'No DropPos checkpoint found at {path!r}: expected a '
+                   'pre-training workdir, its checkpoints/ folder or a step '
+                   'folder containing state/.')
+
+
+def load_pretrained(path: str) -> tuple[Any, dict[str, Any]]:
+  """(params, meta) of a pre-training checkpoint, on the default device.
+
+  Reads only what evaluation needs, whatever mesh the run used; `params` is
+  the DropPos tree ({'encoder', 'mask_pos_token', 'projector'}) and `meta`
+  holds the model config ('model', 'image_hw'), step and sigma.
+  """
+  step_dir = resolve_step_dir(path)
+  ckptr = ocp.StandardCheckpointer()
+  tree = ckptr.metadata(os.path.join(step_dir, 'state')).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  state = ckptr.restore(os.path.join(step_dir, 'state'), abstract)
+  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  return state['params'], meta
