@@ -1,0 +1,56 @@
+"""Every config file and every documented `:arg` loads and validates."""
+import glob
+import importlib
+import os
+
+import pytest
+
+import train
+from configs import pretrain as pretrain_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN_ARGS = [None, 'variant=B/16,epochs=200', 'variant=B/16,epochs=800',
+                 'variant=L/16,epochs=800', 'runlocal']
+
+
+def config_modules():
+  return sorted(os.path.basename(p)[:-3] for p in
+                glob.glob(os.path.join(REPO, 'configs', '*.py'))
+                if not os.path.basename(p).startswith(('_', 'common')))
+
+
+@pytest.mark.parametrize('name', config_modules())
+def test_every_config_file_loads(name):
+  module = importlib.import_module(f'configs.{name}')
+  assert module.get_config().to_dict()
+  assert 'python ' in module.__doc__  # the docstring carries the command
+
+
+@pytest.mark.parametrize('arg', PRETRAIN_ARGS)
+def test_pretrain_recipes_validate(arg):
+  c = pretrain_config.get_config(arg)
+  train.objective_config(c)
+  train.build_model(c)
+
+
+@pytest.mark.parametrize('arg,variant,epochs,warmup', [
+    ('variant=B/16,epochs=200', 'B/16', 200, 10),
+    ('variant=B/16,epochs=800', 'B/16', 800, 10),
+    ('variant=L/16,epochs=800', 'L/16', 800, 40)])
+def test_paper_recipes(arg, variant, epochs, warmup):
+  c = pretrain_config.get_config(arg)
+  assert (c.model.variant, c.epochs, c.warmup_epochs) == (variant, epochs, warmup)
+  assert c.batch_size == 4096 and c.optim.blr == 1.5e-4
+  assert (c.optim.b1, c.optim.b2, c.optim.weight_decay) == (0.9, 0.95, 0.05)
+  assert (c.optim.clip, c.optim.clip_norm) == ('per_tensor', 5.0)
+  assert (c.objective.sigma, c.objective.tau) == (1.0, 0.1)
+  assert c.objective.sigma_schedule == 'linear_epoch'
+  assert (c.objective.mask_ratio, c.objective.pos_drop_ratio) == (0.75, 0.75)
+  assert c.data.name == 'imagenet2012' and c.image_size == 224
+  steps_per_epoch, total, warm = train.schedule_lengths(c, 1_281_167)
+  assert (steps_per_epoch, total, warm) == (312, 312 * epochs, 312 * warmup)
+
+
+def test_unknown_arg_is_rejected():
+  with pytest.raises(ValueError, match="Unknown config arg 'epoch'"):
+    pretrain_config.get_config('epoch=800')
