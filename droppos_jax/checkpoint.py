@@ -22,6 +22,8 @@ class Checkpoints:
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
     if max_to_keep < 1:
       raise ValueError(f'keep_ckpts={max_to_keep} must be >= 1.')
+    if '://' not in directory:  # Orbax needs absolute local paths.
+      directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(

@@ -57,3 +57,12 @@ def test_fsdp_leaf_specs():
   assert sharding.leaf_spec((3, 1000, 7), 'fsdp', 8) == P(None, 'data', None)
   assert sharding.leaf_spec((999, 7), 'fsdp', 8) == P()        # nothing divides
   assert sharding.leaf_spec((768, 3072), 'dp', 8) == P()
+
+
+def test_relative_directory_is_accepted(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  state, _ = state_on(sharding.make_mesh(), 'dp')
+  ckpts = checkpoint.Checkpoints('runs/x/checkpoints', max_to_keep=1)
+  ckpts.save(1, state, {'step': 1})
+  ckpts.close()
+  assert os.path.isdir(tmp_path / 'runs' / 'x' / 'checkpoints' / '1' / 'state')
