@@ -1,0 +1,88 @@
+"""Classification heads on a ViT encoder for the evaluation protocols (spec §7).
+
+`ViTClassifier` is MAE's global-pool fine-tuning model: the blocks' patch
+tokens (not [cls]) are averaged, then `fc_norm` (LayerNorm) and `head`. It has
+no final `norm`, so its tree {'encoder', 'fc_norm', 'head'} is exactly what
+`convert.torch_to_flax(kind='classifier')` makes of a fine-tuned PyTorch file.
+
+`LinearProbe` is MAE's linear-probing model: a frozen encoder (features after
+the final norm, [cls] or patch mean) -> BatchNorm without affine -> `head`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from droppos_jax.models import vit
+
+PROBE_FEATURES = ('cls', 'gap')
+
+
+class ViTClassifier(nn.Module):
+  """Fine-tuning model: GAP of patch tokens -> fc_norm -> head (std 2e-5).
+
+  Drop-path and compute dtype come from `encoder`; logits are float32.
+  """
+  encoder: vit.VisionTransformer
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    enc = self.encoder
+    # encoder.encode() minus its final LayerNorm, which this model lacks.
+    x, grid = enc.embed_patches(images)
+    x = x + enc.posemb(grid).astype(x.dtype)
+    cls = jnp.broadcast_to(enc.cls_token, (x.shape[0], 1, enc.width))
+    x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
+    for blk in enc.blocks:
+      x = blk(x, not train)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=enc.dtype, name='fc_norm')(
+        x[:, 1:].mean(axis=1))
+    logits = nn.Dense(self.num_classes, dtype=enc.dtype,
+                      kernel_init=nn.initializers.normal(2e-5),
+                      name='head')(x)
+    return logits.astype(jnp.float32)
+
+
+class LinearProbe(nn.Module):
+  """Frozen encoder feature -> BatchNorm (no affine) -> head (std 0.01).
+
+  The encoder always runs in inference mode under stop_gradient; the trainer
+  also keeps it out of the optimizer. BatchNorm statistics live in the
+  'batch_stats' collection (momentum 0.9, eps 1e-6 as PyTorch's 0.1/1e-6).
+  """
+  encoder: vit.VisionTransformer
+  num_classes: int
+  feature: str = 'cls'
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    if self.feature not in PROBE_FEATURES:
+      raise ValueError(f'Probe feature {self.feature!r}; valid: '
+                       f'{PROBE_FEATURES}.')
+    x = jax.lax.stop_gradient(self.encoder(images, train=False)[self.feature])
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6,
+                     use_scale=False, use_bias=False, name='head_norm')(
+                         x.astype(jnp.float32))
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
+                    name='head')(x)
+
+
+def classifier_from_variant(variant: str, num_classes: int, *,
+                            drop_path_rate: float = 0., dtype: Any = jnp.float32,
+                            remat: bool = False) -> ViTClassifier:
+  return ViTClassifier(vit.vit_from_variant(
+      variant, drop_path_rate=drop_path_rate, dtype=dtype, remat=remat),
+                       num_classes)
+
+
+def linear_probe_from_variant(variant: str, num_classes: int, *,
+                              feature: str = 'cls', dtype: Any = jnp.float32
+                              ) -> LinearProbe:
+  if feature not in PROBE_FEATURES:
+    raise ValueError(f'Probe feature {feature!r}; valid: {PROBE_FEATURES}.')
+  return LinearProbe(vit.vit_from_variant(variant, dtype=dtype), num_classes,
+                     feature)

@@ -1,0 +1,225 @@
+"""End-to-end tests of fine-tuning / linear probing (finetune.py) on tiny data."""
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import finetune
+import train
+from configs import finetune as finetune_config
+from configs import linear_probe as probe_config
+from configs import pretrain as pretrain_config
+from droppos_jax import augment, checkpoint, finetune_data
+from droppos_jax import finetune as ft_lib
+from droppos_jax.models import convert
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(config_module=finetune_config, **overrides):
+  """runlocal: mu/8 at 32 px, 32 train / 24 val demo crops, batch 16."""
+  c = config_module.get_config('runlocal')
+  c.ckpt_every = 2
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  """A 2-step DropPos pre-training workdir of the same tiny ViT."""
+  workdir = str(tmp_path_factory.mktemp('pt'))
+  c = pretrain_config.get_config('runlocal')
+  c.image_size = 32
+  c.model.variant = 'mu/8'
+  c.data.num_images, c.data.crop_size = 32, 40
+  c.num_train_steps = c.ckpt_every = 2
+  train.train(c, workdir)
+  return workdir
+
+
+def test_finetune_end_to_end_and_resume(tmp_path):
+  full = finetune.train(tiny(), str(tmp_path / 'full'))
+  assert sorted(full['losses']) == [1, 2, 3, 4]
+  assert np.isfinite(list(full['losses'].values())).all()
+  assert sorted(full['evals']) == [2, 4]    # every epoch (2 steps)
+  for metrics in full['evals'].values():
+    assert 0 <= metrics['acc1'] <= metrics['acc5'] <= 1
+    assert metrics['count'] == 24 and np.isfinite(metrics['loss'])
+  for name in ('train_metrics.jsonl', 'val_metrics.jsonl', 'config.json'):
+    assert os.path.isfile(tmp_path / 'full' / name)
+  # Resume from step 2 of a copy: steps 3, 4 are the uninterrupted ones.
+  shutil.copytree(tmp_path / 'full', tmp_path / 'cut')
+  shutil.rmtree(tmp_path / 'cut' / 'checkpoints' / '4')
+  resumed = finetune.train(tiny(), str(tmp_path / 'cut'))
+  assert sorted(resumed['losses']) == [3, 4]
+  np.testing.assert_allclose([resumed['losses'][s] for s in (3, 4)],
+                             [full['losses'][s] for s in (3, 4)], rtol=1e-6)
+  assert resumed['evals'][4] == pytest.approx(full['evals'][4])
+
+
+def test_finetune_from_pretraining_checkpoint_loads_its_encoder(pretrained,
+                                                                tmp_path):
+  c = tiny(num_train_steps=2)
+  c.init.path = pretrained
+  c.optim.blr = 0.   # lr 0: the saved params are the initial ones
+  finetune.train(c, str(tmp_path))
+  tuned, _ = checkpoint.load_pretrained(str(tmp_path))
+  source, _ = checkpoint.load_pretrained(pretrained)
+  want = dict(source['encoder'])
+  del want['norm']   # global pooling has fc_norm instead
+  jax.tree.map(np.testing.assert_array_equal, tuned['encoder'], want)
+
+
+def test_linear_probe_trains_head_only(pretrained, tmp_path):
+  c = tiny(probe_config)
+  c.init.path = pretrained
+  out = finetune.train(c, str(tmp_path))
+  assert np.isfinite(list(out['losses'].values())).all()
+  assert 0 <= out['evals'][4]['acc1'] <= out['evals'][4]['acc5'] <= 1
+  tuned, _ = checkpoint.load_pretrained(str(tmp_path))
+  source, _ = checkpoint.load_pretrained(pretrained)
+  jax.tree.map(np.testing.assert_array_equal, tuned['encoder'],
+               source['encoder'])
+  assert np.abs(np.asarray(tuned['head']['kernel'])).max() > 0.
+
+
+def _abstract(config, num_classes=16):
+  model = ft_lib.build_model(config, num_classes)
+  return jax.eval_shape(model.init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))['params']
+
+
+def test_init_from_converted_torch_files(pretrained, tmp_path):
+  source, _ = checkpoint.load_pretrained(pretrained)
+  source = jax.tree.map(np.asarray, source)
+  state = convert.flax_to_torch(source, kind='droppos', grid_hw=(4, 4))
+  convert.save_torch_state_dict(state, tmp_path / 'droppos.npz')
+  c = tiny()
+  c.init.path = str(tmp_path / 'droppos.npz')
+  loaded = ft_lib.load_init(c.init, 'finetune', _abstract(c), (32, 32), 8)
+  assert set(loaded) == {'encoder'} and 'norm' not in loaded['encoder']
+  np.testing.assert_allclose(loaded['encoder']['blocks_1']['mlp']['fc2']['kernel'],
+                             source['encoder']['blocks_1']['mlp']['fc2']['kernel'])
+  # A fine-tuned file: its fc_norm and head load when the class count fits.
+  rng = np.random.default_rng(0)
+  clf = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                     _abstract(c))
+  state = convert.flax_to_torch(clf, kind='classifier', grid_hw=(4, 4))
+  convert.save_torch_state_dict(state, tmp_path / 'tuned.npz')
+  c.init.path = str(tmp_path / 'tuned.npz')
+  loaded = ft_lib.load_init(c.init, 'finetune', _abstract(c), (32, 32), 8)
+  np.testing.assert_allclose(loaded['head']['kernel'], clf['head']['kernel'])
+  other = ft_lib.load_init(c.init, 'finetune', _abstract(c, 10), (32, 32), 8)
+  assert set(other) == {'encoder'}   # head of 16 classes, model has 10
+  with pytest.raises(ValueError, match='no final encoder norm'):
+    ft_lib.load_init(c.init, 'linear_probe', _abstract(tiny(probe_config)),
+                     (32, 32), 8)
+
+
+def forbid_compile(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError('compiled before rejecting bad input')
+  monkeypatch.setattr(finetune.jax, 'jit', fail)
+
+
+def test_bad_init_fails_before_compile(pretrained, tmp_path, monkeypatch):
+  forbid_compile(monkeypatch)
+  source, _ = checkpoint.load_pretrained(pretrained)
+  state = convert.flax_to_torch(jax.tree.map(np.asarray, source),
+                                kind='droppos', grid_hw=(4, 4))
+  learned = dict(state, pos_embed=np.random.default_rng(0).normal(
+      size=state['pos_embed'].shape).astype(np.float32))
+  convert.save_torch_state_dict(learned, tmp_path / 'learned.npz')
+  (tmp_path / 'junk.npz').write_text('not a checkpoint')
+  cases = [
+      (pretrained, dict(variant='mu/16'),
+       r'does not fit this model(.|\n)*patch_embed/kernel: checkpoint \[8, 8, 3, 32\]'),
+      (pretrained, dict(variant='nano/8'), r'does not fit(.|\n)*missing blocks_2'),
+      (str(tmp_path / 'junk.npz'), {}, 'not a readable .npz'),
+      (str(tmp_path / 'learned.npz'), {}, 'LEARNED pos_embed'),
+      (str(tmp_path / 'none'), {}, 'does not exist'),
+  ]
+  for i, (path, model, message) in enumerate(cases):
+    c = tiny()
+    c.init.path = path
+    c.model.update(model)
+    error = FileNotFoundError if message == 'does not exist' else ValueError
+    with pytest.raises(error, match=message):
+      finetune.train(c, str(tmp_path / f'w{i}'))
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('batch_size', 12, 'batch_size=12 must be a positive multiple of the 8'),
+    ('mix.prob', 2., r'mix.prob=2.0 is a probability'),
+    ('augment.crop_scale', (0.5, 0.1), 'crop_scale'),
+    ('protocol', 'knn', "protocol='knn'"),
+])
+def test_bad_settings_fail_before_compile(tmp_path, monkeypatch, field, value,
+                                          message):
+  forbid_compile(monkeypatch)
+  c = tiny()
+  node, _, leaf = field.rpartition('.')
+  (c[node] if node else c)[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    finetune.train(c, str(tmp_path))
+
+
+def test_configs_load():
+  for arg, variant, epochs in [('', 'B/16', 100), ('variant=L/16', 'L/16', 50),
+                               ('demo', 'nano/8', 30)]:
+    c = finetune_config.get_config(arg)
+    assert (c.model.variant, c.epochs) == (variant, epochs)
+  p = probe_config.get_config('variant=L/16')
+  assert (p.batch_size, p.epochs, p.optim.blr, p.protocol) == (
+      16384, 90, 0.1, 'linear_probe')
+  assert probe_config.get_config('demo').val_data.split == 'val'
+  with pytest.raises(ValueError, match="Unknown config arg 'epochs'"):
+    finetune_config.get_config('epochs=3')
+
+
+def test_train_stream_is_reproducible_and_resumable():
+  c = tiny()
+  kw = dict(image_size=32, local_batch_size=8, seed=0)
+  take = lambda it, n: [next(it) for _ in range(n)]
+  full = take(finetune_data.make_train_iterator(c.data, c.augment, **kw), 5)
+  again = take(finetune_data.make_train_iterator(c.data, c.augment,
+                                                 start_step=3, **kw), 2)
+  for x, y in zip(full[3:], again):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  assert full[0]['image'].shape == (8, 32, 32, 3)
+  assert full[0]['label'].max() < 16
+
+
+def test_rand_augment_and_erasing():
+  image = tf.constant(np.random.default_rng(0).integers(
+      0, 256, (24, 24, 3)), tf.uint8)
+  key = tf.constant([1, 2], tf.int64)
+  for i in range(len(augment.OPS)):
+    out = augment._apply_op(tf, tf.constant(i), image, tf.constant(9.),
+                            tf.constant(1.))
+    assert out.shape == (24, 24, 3) and out.dtype == tf.uint8, augment.OPS[i]
+  a = augment.rand_augment(tf, image, key)
+  np.testing.assert_array_equal(a, augment.rand_augment(tf, image, key))
+  x = tf.zeros((24, 24, 3))
+  erased = [np.mean(augment.random_erasing(
+      tf, x, tf.constant([k, 0], tf.int64), 1.).numpy() != 0) for k in range(8)]
+  assert all(0.02 * 0.5 <= e <= 1 / 3 + 0.05 for e in erased), erased
+  np.testing.assert_array_equal(augment.random_erasing(tf, x, key, 0.), x)
+
+
+def test_command_line_reports_bad_input_without_traceback(tmp_path):
+  run = subprocess.run(
+      [sys.executable, 'finetune.py', '--config', 'configs/finetune.py:runlocal',
+       '--workdir', str(tmp_path), '--config.init.path=/no/such/dir'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode != 0
+  assert "error: init.path '/no/such/dir' does not exist" in run.stderr
+  assert 'Traceback' not in run.stderr
