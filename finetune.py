@@ -14,43 +14,20 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
 import signal
-import sys
 from typing import Any
 
-from absl import app, flags, logging
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_flags
 
 from droppos_jax import checkpoint, finetune, finetune_data, input_pipeline
-from droppos_jax import optim, sharding
+from droppos_jax import launch, metric_logging, optim, sharding
 from droppos_jax.models import vit
-
-
-def image_hw(config) -> tuple[int, int]:
-  size = config.image_size
-  hw = (size, size) if isinstance(size, int) else tuple(size)
-  if len(hw) != 2 or min(hw) <= 0:
-    raise ValueError(f'image_size={size!r}; expected a positive int or '
-                     '(height, width).')
-  return hw
-
-
-def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
-  """(steps_per_epoch, total_steps, warmup_steps) from epochs, in one place."""
-  steps_per_epoch = num_examples // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f'batch_size={config.batch_size} exceeds the {num_examples} '
-                     'training examples; lower it.')
-  total = (config.num_train_steps if config.num_train_steps > 0
-           else int(config.epochs * steps_per_epoch))
-  return steps_per_epoch, total, int(config.warmup_epochs * steps_per_epoch)
 
 
 def check_mix_config(mix) -> None:
@@ -70,7 +47,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   {'losses': {step: loss}, 'evals': {step: {'acc1', 'acc5', 'loss'}}, ...}."""
   # ------------------------------------------------------------------ checks
   # Everything a user can get wrong is checked here, before any compile.
-  hw = image_hw(config)
+  hw = launch.image_hw(config)
   patch = vit.decode_variant(config.model.variant).patch_size
   vit.grid_size(hw, patch)
   for name in ('log_every', 'ckpt_every', 'eval_every_epochs'):
@@ -88,7 +65,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.num_devices)
   sharding.check_batch_divides(config.batch_size, mesh)
   sharding.check_batch_divides(config.eval_batch_size, mesh, 'eval_batch_size')
-  steps_per_epoch, total_steps, warmup_steps = schedule_lengths(
+  steps_per_epoch, total_steps, warmup_steps = launch.schedule_lengths(
       config, input_pipeline.num_train_examples(config.data))
   peak_lr = config.optim.blr * config.batch_size / 256
   lr_fn = optim.lr_schedule(peak_lr, total_steps=total_steps,
@@ -191,9 +168,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ loop
   preempted = []
   signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  make_logger = lambda prefix: finetune.ClassificationLogger(
+  make_logger = lambda prefix: metric_logging.MetricLogger(
       workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      global_batch=config.batch_size, is_main=is_main, prefix=prefix)
+      global_batch=config.batch_size, is_main=is_main, prefix=prefix,
+      fields=metric_logging.CLASSIFICATION_FIELDS)
   logger, val_logger = make_logger('train'), make_logger('val')
   losses_seen: dict[int, float] = {}
   evals: dict[int, dict[str, float]] = {}
@@ -254,39 +232,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           'preempted': bool(preempted)}
 
 
-def define_flags() -> None:
-  """Command-line flags, defined only when run as a script so that tests can
-  import this module beside train.py (which defines the same names)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:arg]).',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go; resumed.')
-  flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
-                    'jax.distributed.initialize(): auto = if a cluster '
-                    'launcher (TPU pod, SLURM, MPI, JAX_COORDINATOR_ADDRESS) '
-                    'is detected.')
-
-
-class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every save step at INFO; keep its warnings and errors only."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
-
-
-def main(argv):
-  del argv
-  logging.get_absl_logger().addFilter(_QuietOrbax())
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if config is None or not workdir:
-    sys.exit('error: --config and --workdir are required.')
-  sharding.maybe_initialize_distributed(flags.FLAGS.distributed)
-  try:
-    train(config, workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    sys.exit(f'error: {e}')
-
-
 if __name__ == '__main__':
-  define_flags()
-  jax.config.update('jax_threefry_partitionable', True)
-  app.run(main)
+  launch.run(train)

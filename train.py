@@ -9,48 +9,28 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
 import signal
-import sys
 from typing import Any
 
-from absl import app, flags, logging
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_flags
 
-from droppos_jax import checkpoint, input_pipeline, metric_logging, optim
-from droppos_jax import pretrain, sharding
+from droppos_jax import checkpoint, input_pipeline, launch, metric_logging
+from droppos_jax import optim, pretrain, sharding
 from droppos_jax.losses import make_sigma_schedule
 from droppos_jax.models import droppos as droppos_model
-
-config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:arg]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go; resumed.')
-flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
-                  'jax.distributed.initialize(): auto = if a cluster '
-                  'launcher (TPU pod, SLURM, MPI, JAX_COORDINATOR_ADDRESS) '
-                  'is detected.')
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def image_hw(config) -> tuple[int, int]:
-  size = config.image_size
-  hw = (size, size) if isinstance(size, int) else tuple(size)
-  if len(hw) != 2 or min(hw) <= 0:
-    raise ValueError(f'image_size={size!r}; expected a positive int or '
-                     '(height, width).')
-  return hw
-
-
 def objective_config(config) -> pretrain.ObjectiveConfig:
   obj = config.objective
-  hw = image_hw(config)
+  hw = launch.image_hw(config)
   patch = droppos_model.vit.decode_variant(config.model.variant).patch_size
   return pretrain.ObjectiveConfig(
       image_hw=hw, patch_size=patch, mask_ratio=obj.mask_ratio,
@@ -67,17 +47,6 @@ def build_model(config) -> droppos_model.DropPos:
       m.variant, m.projector, dtype=DTYPES[m.dtype], remat=m.remat,
       width=m.projector_width, depth=m.projector_depth,
       num_heads=m.projector_heads)
-
-
-def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
-  """(steps_per_epoch, total_steps, warmup_steps) from epochs, in one place."""
-  steps_per_epoch = num_examples // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f'batch_size={config.batch_size} exceeds the {num_examples} '
-                     'training examples; lower it.')
-  total = (config.num_train_steps if config.num_train_steps > 0
-           else int(config.epochs * steps_per_epoch))
-  return steps_per_epoch, total, int(config.warmup_epochs * steps_per_epoch)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -99,7 +68,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      f'grad_accum_steps={config.grad_accum_steps}.')
   sharding.check_batch_divides(config.batch_size // config.grad_accum_steps,
                                mesh, 'batch_size / grad_accum_steps')
-  steps_per_epoch, total_steps, warmup_steps = schedule_lengths(
+  steps_per_epoch, total_steps, warmup_steps = launch.schedule_lengths(
       config, input_pipeline.num_train_examples(config.data))
   peak_lr = config.optim.blr * config.batch_size / 256
   lr_fn = optim.lr_schedule(peak_lr, total_steps=total_steps,
@@ -226,26 +195,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           'preempted': bool(preempted)}
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every save step at INFO; keep its warnings and errors only."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
-
-
-def main(argv):
-  del argv
-  logging.get_absl_logger().addFilter(_QuietOrbax())
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if config is None or not workdir:
-    sys.exit('error: --config and --workdir are required.')
-  sharding.maybe_initialize_distributed(flags.FLAGS.distributed)
-  try:
-    train(config, workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    sys.exit(f'error: {e}')
-
-
 if __name__ == '__main__':
-  jax.config.update('jax_threefry_partitionable', True)
-  app.run(main)
+  launch.run(train)

@@ -1,5 +1,28 @@
 """Defaults shared by every pre-training config; recipes override fields."""
 import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg, valid):
+  """'variant=B/16,epochs=800' -> dict; bare words are flags set to True."""
+  out = {}
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in valid:
+      raise ValueError(f'Unknown config arg {key!r} in {arg!r}; valid: '
+                       f'{valid}.')
+    out[key] = value if value else True
+  return out
+
+
+def data_config(source='tfds', name=None, data_dir=None, split='train',
+                path=None) -> ml_collections.ConfigDict:
+  """Data source fields; unset strings are typed placeholders so that
+  `--config.data.path=…` works from the command line."""
+  text = lambda v: config_dict.placeholder(str) if v is None else v
+  return ml_collections.ConfigDict(dict(
+      source=source, name=text(name), data_dir=text(data_dir), split=split,
+      path=text(path)))
 
 
 def base_pretrain_config() -> ml_collections.ConfigDict:
@@ -7,15 +30,15 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.image_size = 224              # int, or (height, width) for non-square
   c.model = ml_collections.ConfigDict(dict(
-      variant='B/16', projector='default', projector_width=None,
-      projector_depth=None, projector_heads=None, dtype='float32',
+      variant='B/16', projector='default',
+      projector_width=config_dict.placeholder(int),
+      projector_depth=config_dict.placeholder(int),
+      projector_heads=config_dict.placeholder(int), dtype='float32',
       remat=False))
   c.objective = ml_collections.ConfigDict(dict(
       mask_ratio=0.75, pos_drop_ratio=0.75, attentive=True, tau=0.1,
       sigma=1.0, sigma_schedule='linear_epoch', official_quirks=False))
-  c.data = ml_collections.ConfigDict(dict(
-      source='tfds', name='imagenet2012', data_dir=None, split='train',
-      path=None))
+  c.data = data_config('tfds', name='imagenet2012')
   c.batch_size = 4096             # global, over all devices and hosts
   c.grad_accum_steps = 1          # micro-batches per step (exact, see pretrain.py)
   c.epochs = 800

@@ -29,24 +29,14 @@ converted .msgpack (`init.kind` 'auto' tells them apart); '' = random init.
 import ml_collections
 from ml_collections import config_dict
 
+from configs import common
+
 VALID_ARGS = ('variant', 'demo', 'runlocal')
 
 
-def parse_arg(arg, valid=VALID_ARGS):
-  """'variant=B/16,demo' -> dict; bare words are flags set to True."""
-  out = {}
-  for item in filter(None, (arg or '').split(',')):
-    key, _, value = item.partition('=')
-    if key not in valid:
-      raise ValueError(f'Unknown config arg {key!r} in {arg!r}; valid: {valid}.')
-    out[key] = value if value else True
-  return out
-
-
 def data(split, source='tfds'):
-  return ml_collections.ConfigDict(dict(
-      source=source, name='imagenet2012' if source == 'tfds' else None,
-      data_dir=None, split=split, path=None))
+  return common.data_config(
+      source, name='imagenet2012' if source == 'tfds' else None, split=split)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -89,7 +79,7 @@ def demo_data(c, image_size=64):
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
+  args = common.parse_arg(arg, VALID_ARGS)
   variant = args.get('variant', 'B/16')
   c = base_config()
   c.model = ml_collections.ConfigDict(dict(

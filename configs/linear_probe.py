@@ -20,11 +20,12 @@ flip only (no RandAugment, erasing, mixup or label smoothing).
 """
 import ml_collections
 
+from configs import common
 from configs import finetune as finetune_config
 
 
 def get_config(arg=None):
-  args = finetune_config.parse_arg(arg)
+  args = common.parse_arg(arg, finetune_config.VALID_ARGS)
   c = finetune_config.base_config()
   c.protocol = 'linear_probe'
   c.model = ml_collections.ConfigDict(dict(

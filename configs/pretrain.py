@@ -17,27 +17,13 @@ Data: TFDS 'imagenet2012' prepared by the user (manual download), read from
 `data.data_dir`; use `--config.data.source=folder --config.data.path=…` for a
 folder of images instead.
 """
-import ml_collections
-
 from configs import common
 
 VALID_ARGS = ('variant', 'epochs', 'runlocal')
 
 
-def parse_arg(arg):
-  """'variant=B/16,epochs=800' -> dict; bare words are flags set to True."""
-  out = {}
-  for item in filter(None, (arg or '').split(',')):
-    key, _, value = item.partition('=')
-    if key not in VALID_ARGS:
-      raise ValueError(f'Unknown config arg {key!r} in {arg!r}; valid: '
-                       f'{VALID_ARGS}.')
-    out[key] = value if value else True
-  return out
-
-
 def get_config(arg=None):
-  args = parse_arg(arg)
+  args = common.parse_arg(arg, VALID_ARGS)
   variant = args.get('variant', 'B/16')
   epochs = int(args.get('epochs', 800))
   c = common.base_pretrain_config()
@@ -52,6 +38,5 @@ def get_config(arg=None):
     c.warmup_epochs = 0
     c.log_every = 1
     c.ckpt_every = 5
-    c.data = ml_collections.ConfigDict(dict(
-        source='demo', name=None, data_dir=None, split='train', path=None))
+    c.data = common.data_config('demo')
   return c

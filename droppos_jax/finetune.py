@@ -2,10 +2,8 @@
 lr decay, mixup/cutmix, initial weights, and the jit-able train/eval steps."""
 from __future__ import annotations
 
-import json
 import os
 import re
-import time
 from typing import Any, Callable
 
 from absl import logging
@@ -14,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from droppos_jax import checkpoint, metric_logging
+from droppos_jax import checkpoint
 from droppos_jax.models import classifier, convert, vit
 
 PROTOCOLS = ('finetune', 'linear_probe')
@@ -300,37 +298,3 @@ def load_init(init_cfg, protocol: str, abstract_params: Any,
 
 
 # ----------------------------------------------------------------- logging ---
-
-class ClassificationLogger(metric_logging.MetricLogger):
-  """MetricLogger whose console line suits classification (the base class's
-  line shows pre-training metrics); files and TensorBoard are unchanged."""
-
-  SHOWN = (('loss', '.4f'), ('acc1', '.2%'), ('acc5', '.2%'), ('lr', '.2e'),
-           ('grad_norm', '.3f'))
-
-  def flush(self, step: int) -> dict[str, float]:
-    if not self._count:
-      return {}
-    means = {k: v / self._count for k, v in self._sums.items()}
-    self._sums, self._count = {}, 0
-    now = time.perf_counter()
-    eta = float('nan')
-    if self._t0 is not None and step > self._t0_step:
-      sec_per_step = (now - self._t0) / (step - self._t0_step)
-      means['images_per_sec'] = self.global_batch / sec_per_step
-      eta = (self.total_steps - step) * sec_per_step
-      self._t0, self._t0_step = now, step
-    means['epoch'] = step / self.steps_per_epoch
-    if self.is_main:
-      self._writer.write_scalars(step, {f'{self.prefix}/{k}': v
-                                        for k, v in means.items()})
-      self._writer.flush()
-      self._jsonl.write(json.dumps({'step': step, **means}) + '\n')
-      self._jsonl.flush()
-    parts = [f'{k} {format(means[k], f)}' for k, f in self.SHOWN if k in means]
-    if 'images_per_sec' in means:
-      parts.append(f'{means["images_per_sec"]:.0f} img/s | ETA '
-                   f'{metric_logging._eta(eta)}')
-    logging.info('[%d/%d] %s ep %.2f | %s', step, self.total_steps, self.prefix,
-                 means['epoch'], ' | '.join(parts))
-    return means

@@ -63,56 +63,20 @@ def make_train_iterator(data_cfg, augment_cfg, *,
   From `start_step` on it yields exactly what an uninterrupted iterator
   yields from that step.
   """
-  source = ip._open(data_cfg)
   validate_augment_config(augment_cfg)
-  hw = ip._image_hw(image_size)
-  ip._check_process(process_index, process_count)
-  size = source.shard_sizes(process_count, True)[process_index]
-  if not 0 < local_batch_size <= size:
-    raise ValueError(
-        f'local_batch_size {local_batch_size} must be in [1, {size}]: process '
-        f'{process_index} of {process_count} reads {size} examples of '
-        f'{source.description}.')
-  if start_step < 0:
-    raise ValueError(f'start_step must be >= 0, got {start_step}.')
-  tf = ip._tf()
-  shard = source.shard(process_index, process_count, True)
-  start = start_step * local_batch_size
-  start_epoch, start_offset = divmod(start, shard.size)
-  transform = dict(
+  options = dict(
       crop_scale=tuple(augment_cfg.crop_scale),
       randaugment_layers=augment_cfg.randaugment_layers,
       randaugment_magnitude=augment_cfg.randaugment_magnitude,
       randaugment_mstd=augment_cfg.randaugment_mstd,
       random_erasing_prob=augment_cfg.random_erasing)
 
-  def epoch_records(epoch):
-    skip = tf.where(epoch == start_epoch, tf.constant(start_offset, tf.int64),
-                    tf.constant(0, tf.int64))
-    return shard.epoch(tf, epoch, skip, seed, process_index)
+  def transform(tf, image, key, hw):
+    return augment.train_transform(tf, image, key, hw, normalize=ip._normalize,
+                                   **options)
 
-  records = tf.data.Dataset.range(start_epoch, ip._FOREVER).flat_map(
-      epoch_records)
-  positions = tf.data.Dataset.range(start, ip._FOREVER)
-
-  def example(position, record):
-    out = shard.decode(*record)
-    if 'label' not in out:
-      raise ValueError(f'{source.description} has no labels to train on.')
-    key = ip._seed_key(tf, seed, ip._AUGMENTATION,
-                       position * process_count + process_index)
-    out['image'] = augment.train_transform(
-        tf, out['image'], key, hw, normalize=ip._normalize, **transform)
-    return out
-
-  ds = tf.data.Dataset.zip(positions, records).map(
-      example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(
-      tf.data.AUTOTUNE)
-
-  def describe_failure(step):
-    first = (start_step + step) * local_batch_size
-    bad = shard.unreadable(tf, range(first, first + local_batch_size), seed,
-                           process_index)
-    return ip._failure_message(source, start_step + step, bad)
-  return ip._numpy_batches(tf, ds, describe_failure)
+  return ip.make_train_iterator(
+      data_cfg, transform, image_size=image_size,
+      local_batch_size=local_batch_size, seed=seed, start_step=start_step,
+      process_index=process_index, process_count=process_count,
+      require_labels=True)

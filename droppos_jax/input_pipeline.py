@@ -19,14 +19,13 @@ import collections
 import dataclasses
 import functools
 import itertools
-import math
 import os
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 
-from droppos_jax import demo_data
+from droppos_jax import augment, demo_data
 
 SOURCES = ('demo', 'folder', 'tfds')
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.webp')
@@ -312,34 +311,10 @@ def _normalize(tf, image):
   return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
 
 
-def _crop_box(tf, shape, key):
-  """torchvision RandomResizedCrop box (top, left, h, w): 10 tries, then centre."""
-  height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-  u = tf.random.stateless_uniform([4, 10], seed=key)
-  area = height * width * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[0])
-  log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-  ratio = tf.exp(log_lo + (log_hi - log_lo) * u[1])
-  w = tf.round(tf.sqrt(area * ratio))
-  h = tf.round(tf.sqrt(area / ratio))
-  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  first = tf.argmax(tf.cast(fits, tf.int32))
-  h, w = h[first], w[first]
-  top = tf.floor(u[2, first] * (height - h + 1))
-  left = tf.floor(u[3, first] * (width - w + 1))
-  # Fallback: the largest centred crop with the ratio clamped to the range.
-  in_ratio = width / height
-  fb_w = tf.where(in_ratio > CROP_RATIO[1], tf.round(height * CROP_RATIO[1]), width)
-  fb_h = tf.where(in_ratio < CROP_RATIO[0], tf.round(width / CROP_RATIO[0]), height)
-  found = tf.reduce_any(fits)
-  box = [tf.where(found, top, tf.floor((height - fb_h) / 2)),
-         tf.where(found, left, tf.floor((width - fb_w) / 2)),
-         tf.where(found, h, fb_h), tf.where(found, w, fb_w)]
-  return [tf.cast(x, tf.int32) for x in box]
-
-
 def _pretrain_transform(tf, image, key, hw):
   """RandomResizedCrop(bicubic) + horizontal flip + normalisation (spec §6)."""
-  top, left, h, w = _crop_box(tf, tf.shape(image), key)
+  top, left, h, w = augment.crop_box(tf, tf.shape(image), key, CROP_SCALE,
+                                     CROP_RATIO)
   crop = tf.image.resize(tf.cast(image[top:top + h, left:left + w], tf.float32),
                          hw, method='bicubic', antialias=True)
   crop = tf.image.stateless_random_flip_left_right(

@@ -12,6 +12,15 @@ from absl import logging
 from clu import metric_writers
 
 
+# (metric, console label, format) of the progress line.
+PRETRAIN_FIELDS = (('loss', 'loss', '.4f'), ('acc1', 'pos acc', '.1%'),
+                   ('acc1_kept', 'kept-PE acc', '.1%'), ('dist_err', 'dist', '.2f'),
+                   ('sigma', 'sigma', '.3f'), ('lr', 'lr', '.2e'))
+CLASSIFICATION_FIELDS = (('loss', 'loss', '.4f'), ('acc1', 'acc1', '.2%'),
+                         ('acc5', 'acc5', '.2%'), ('lr', 'lr', '.2e'),
+                         ('grad_norm', 'grad norm', '.3f'))
+
+
 def _eta(seconds: float) -> str:
   if not math.isfinite(seconds):
     return '?'
@@ -26,7 +35,9 @@ class MetricLogger:
   """
 
   def __init__(self, workdir: str, *, total_steps: int, steps_per_epoch: int,
-               global_batch: int, is_main: bool = True, prefix: str = 'train'):
+               global_batch: int, is_main: bool = True, prefix: str = 'train',
+               fields=PRETRAIN_FIELDS):
+    self.fields = fields
     self.total_steps = total_steps
     self.steps_per_epoch = steps_per_epoch
     self.global_batch = global_batch
@@ -71,15 +82,12 @@ class MetricLogger:
       self._writer.flush()
       self._jsonl.write(json.dumps({'step': step, **means}) + '\n')
       self._jsonl.flush()
-    logging.info(
-        '[%d/%d] ep %.2f | loss %.4f | pos acc %.1f%% (kept-PE %.1f%%) | '
-        'dist %.2f | sigma %.3f | lr %.2e | %.0f img/s | ETA %s',
-        step, self.total_steps, means['epoch'], means.get('loss', float('nan')),
-        100 * means.get('acc1', float('nan')),
-        100 * means.get('acc1_kept', float('nan')),
-        means.get('dist_err', float('nan')), means.get('sigma', float('nan')),
-        means.get('lr', float('nan')), means.get('images_per_sec', float('nan')),
-        _eta(eta))
+    parts = [f'{label} {format(means[key], fmt)}'
+             for key, label, fmt in self.fields if key in means]
+    if 'images_per_sec' in means:
+      parts.append(f'{means["images_per_sec"]:.0f} img/s')
+    logging.info('[%d/%d] %s ep %.2f | %s | ETA %s', step, self.total_steps,
+                 self.prefix, means['epoch'], ' | '.join(parts), _eta(eta))
     return means
 
   def close(self) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 import train
 from configs import pretrain as pretrain_config
+from droppos_jax import launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_ARGS = [None, 'variant=B/16,epochs=200', 'variant=B/16,epochs=800',
@@ -47,7 +48,7 @@ def test_paper_recipes(arg, variant, epochs, warmup):
   assert c.objective.sigma_schedule == 'linear_epoch'
   assert (c.objective.mask_ratio, c.objective.pos_drop_ratio) == (0.75, 0.75)
   assert c.data.name == 'imagenet2012' and c.image_size == 224
-  steps_per_epoch, total, warm = train.schedule_lengths(c, 1_281_167)
+  steps_per_epoch, total, warm = launch.schedule_lengths(c, 1_281_167)
   assert (steps_per_epoch, total, warm) == (312, 312 * epochs, 312 * warmup)
 
 

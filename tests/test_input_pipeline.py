@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from droppos_jax import demo_data
+from droppos_jax import augment, demo_data
 from droppos_jax import input_pipeline as ip
 
 MEAN, STD = np.array(ip.MEAN_RGB), np.array(ip.STDDEV_RGB)
@@ -153,8 +153,9 @@ def test_demo_source_resume_with_two_processes():
 
 def test_crop_box_follows_random_resized_crop():
   for shape in [(30, 40), (20, 200)]:
-    boxes = np.array([[int(v) for v in ip._crop_box(
-        tf, tf.constant(shape), tf.constant([k, 7], tf.int64))]
+    boxes = np.array([[int(v) for v in augment.crop_box(
+        tf, tf.constant(shape), tf.constant([k, 7], tf.int64), ip.CROP_SCALE,
+        ip.CROP_RATIO)]
                       for k in range(100)])
     top, left, h, w = boxes.T
     assert np.all((top >= 0) & (left >= 0) & (h >= 1) & (w >= 1))

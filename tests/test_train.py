@@ -192,3 +192,7 @@ def test_command_line_rejects_unknown_key_and_bad_batch(image_dir, tmp_path):
   assert bad_batch.returncode != 0
   assert 'error: batch_size=0 must be a positive multiple' in bad_batch.stderr
   assert 'Traceback' not in bad_batch.stderr
+  missing = run('--config.data.source=folder', '--config.data.path=/no/such/dir')
+  assert missing.returncode != 0
+  assert "error: data.path '/no/such/dir' is not an existing directory" in (
+      missing.stderr)

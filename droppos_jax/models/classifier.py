@@ -32,13 +32,9 @@ class ViTClassifier(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     enc = self.encoder
-    # encoder.encode() minus its final LayerNorm, which this model lacks.
     x, grid = enc.embed_patches(images)
-    x = x + enc.posemb(grid).astype(x.dtype)
-    cls = jnp.broadcast_to(enc.cls_token, (x.shape[0], 1, enc.width))
-    x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
-    for blk in enc.blocks:
-      x = blk(x, not train)
+    x = enc.encode(x + enc.posemb(grid).astype(x.dtype), train=train,
+                   final_norm=False)
     x = nn.LayerNorm(epsilon=1e-6, dtype=enc.dtype, name='fc_norm')(
         x[:, 1:].mean(axis=1))
     logits = nn.Dense(self.num_classes, dtype=enc.dtype,

@@ -193,13 +193,14 @@ class VisionTransformer(nn.Module):
   def posemb(self, grid):
     return jnp.asarray(posemb_sincos_2d(grid[0], grid[1], self.width))
 
-  def encode(self, tokens, *, train: bool = False):
-    """Prepends [cls] (zero PE), runs the blocks and the final LayerNorm."""
+  def encode(self, tokens, *, train: bool = False, final_norm: bool = True):
+    """Prepends [cls] (zero PE), runs the blocks and the final LayerNorm
+    (`final_norm=False` for MAE-style fine-tuning, which has none)."""
     cls = jnp.broadcast_to(self.cls_token, (tokens.shape[0], 1, self.width))
     x = jnp.concatenate([cls.astype(tokens.dtype), tokens], axis=1)
     for blk in self.blocks:
       x = blk(x, not train)
-    return self.norm(x)
+    return self.norm(x) if final_norm else x
 
   def __call__(self, images, *, train: bool = False):
     """Full pass with every patch and its true PE.

@@ -1,0 +1,293 @@
+"""Position probing (paper §4.3): how well does a frozen ViT know where its
+tokens are once their position embedding is gone?
+
+Mask patches and drop the PE of most visible tokens exactly as DropPos
+pre-training does, run the frozen encoder, and train only a linear N-way head
+on the final-LN features of the PE-dropped tokens (hard labels, cross
+entropy). The score is held-out top-1 position accuracy over dropped tokens,
+overall and per grid position.
+
+What replaces a dropped PE: the checkpoint's learned `mask_pos_token` when it
+has one (DropPos workdirs and DropPos PyTorch files) and `use_mask_token` is
+on; otherwise nothing (the token gets no PE at all). Encoders that never saw a
+mask token (MAE, random init) are thus probed on the bare patch embedding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+import optax
+from matplotlib.figure import Figure
+
+from droppos_jax import checkpoint, masking
+from droppos_jax.evaluators import eval_batches
+from droppos_jax.losses import grid_coords
+from droppos_jax.models import convert, vit
+
+TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors', '.npz')
+OPTIMIZERS = ('adamw', 'sgd')
+
+
+@dataclasses.dataclass
+class FrozenEncoder:
+  """A ViT to probe: module, params, the mask token (or None) and the
+  resolution it was trained at (None if unknown)."""
+  encoder: vit.VisionTransformer
+  params: Any
+  mask_pos_token: Optional[jax.Array]
+  image_hw: Optional[tuple[int, int]]
+  description: str
+
+
+def _encoder_from_arch(cfg, num_heads):
+  heads = num_heads or cfg.get('num_heads')
+  if not heads:
+    raise ValueError(f'Width {cfg["width"]} is not in vit.VARIANTS, so the '
+                     'number of heads is unknown: set num_heads.')
+  return vit.VisionTransformer(cfg['width'], cfg['depth'], cfg['mlp_dim'],
+                               heads, cfg['patch_size'])
+
+
+def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
+                 num_heads: Optional[int] = None) -> FrozenEncoder:
+  """The encoder named by `init`.
+
+  'random': a fresh `variant` initialised from key(seed);
+  a directory: a DropPos pre-training workdir (checkpoint.load_pretrained);
+  a .pth/.pt/.bin/.safetensors/.npz file: a PyTorch DropPos/MAE/timm ViT
+  (convert.torch_to_flax, kind 'encoder'); a .msgpack file: Flax params
+  written by convert_checkpoint.py (kind 'encoder' or 'droppos').
+  """
+  if init == 'random':
+    encoder = vit.vit_from_variant(variant)
+    p = encoder.patch_size
+    params = jax.jit(encoder.init)(jax.random.key(seed),
+                                   jnp.zeros((1, p, p, 3)))['params']
+    return FrozenEncoder(encoder, params, None, None,
+                         f'random init {variant} (seed {seed})')
+  if os.path.isdir(init):
+    params, meta = checkpoint.load_pretrained(init)
+    encoder = vit.vit_from_variant(meta['model']['variant'])
+    return FrozenEncoder(encoder, params['encoder'], params['mask_pos_token'],
+                         tuple(meta['image_hw']),
+                         f'DropPos {meta["model"]["variant"]} step '
+                         f'{meta.get("step")} ({init})')
+  if not os.path.isfile(init):
+    raise ValueError(f'init={init!r} is neither "random", a pre-training '
+                     'workdir nor a checkpoint file.')
+  name = os.path.basename(init)
+  if init.endswith('.msgpack'):
+    params, meta = convert.load_flax_params(init)
+    kind, cfg = (meta or {}).get('kind'), (meta or {}).get('config')
+    if kind not in ('encoder', 'droppos') or not cfg:
+      raise ValueError(f'{init} needs its .json sidecar of kind "encoder" or '
+                       f'"droppos" (from convert_checkpoint.py); got {kind!r}.')
+    token = params.get('mask_pos_token') if kind == 'droppos' else None
+    params = params['encoder'] if kind == 'droppos' else params
+  elif init.lower().endswith(TORCH_SUFFIXES):
+    state = convert.load_torch_state_dict(init)
+    params, report = convert.torch_to_flax(state, kind='encoder',
+                                           num_heads=num_heads)
+    cfg, token = report.config, state.get('mask_pos_token')
+  else:
+    raise ValueError(f'Unknown checkpoint format {name!r}: expected a '
+                     f'pre-training workdir, {"/".join(TORCH_SUFFIXES)} or '
+                     '.msgpack.')
+  grid = cfg.get('grid')
+  hw = tuple(g * cfg['patch_size'] for g in grid) if grid else None
+  token = None if token is None else jnp.asarray(token, jnp.float32).reshape(
+      1, 1, -1)
+  return FrozenEncoder(_encoder_from_arch(cfg, num_heads),
+                       jax.tree.map(jnp.asarray, params), token, hw, name)
+
+
+def _dropped_pe_features(module: vit.VisionTransformer, images, ids_keep,
+                         drop_mask, mask_pos_token):
+  """Final-LN features [B, K, D] of the visible tokens, PEs dropped as in
+  DropPos.__call__; `mask_pos_token` None means no PE for dropped tokens."""
+  x, grid = module.embed_patches(images)
+  x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+  pos = jnp.take(module.posemb(grid), ids_keep, axis=0)
+  fill = 0. if mask_pos_token is None else mask_pos_token.astype(pos.dtype)
+  pos = jnp.where(drop_mask[..., None], fill, pos)
+  return module.encode(x + pos.astype(x.dtype))[:, 1:].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _sample_and_encode(encoder, mask_ratio, pos_drop_ratio, params, token,
+                       images, key):
+  grid = vit.grid_size(images.shape[1:3], encoder.patch_size)
+  ids_keep, drop_mask = masking.sample_masks(
+      key, images.shape[0], grid[0] * grid[1], mask_ratio, pos_drop_ratio)
+  feats = encoder.apply({'params': params}, images, ids_keep, drop_mask, token,
+                        method=_dropped_pe_features)
+  return feats, ids_keep, drop_mask
+
+
+def extract_dropped_tokens(frozen: FrozenEncoder, batches: Iterable[dict], *,
+                           mask_ratio: float, pos_drop_ratio: float,
+                           draws: int, key: jax.Array,
+                           use_mask_token: bool = True):
+  """(features [M, D], positions [M]) of every PE-dropped token of `draws`
+  mask draws per real example (mask 1) of `batches`, on the host.
+
+  Masks of batch b, draw d come from fold_in(key, b * draws + d), so a run is
+  reproducible. One jitted forward per (batch, draw), compiled once.
+  """
+  token = frozen.mask_pos_token if use_mask_token else None
+  forward = functools.partial(_sample_and_encode, frozen.encoder,
+                              float(mask_ratio), float(pos_drop_ratio))
+
+  feats, labels = [], []
+  for b, batch in enumerate(batches):
+    valid = multihost_utils.process_allgather(batch['mask'], tiled=True) > 0
+    for d in range(draws):
+      out = forward(frozen.params, token, batch['image'],
+                    jax.random.fold_in(key, b * draws + d))
+      f, ids, drop = multihost_utils.process_allgather(out, tiled=True)
+      take = drop & valid[:, None]
+      feats.append(f[take])
+      labels.append(ids[take])
+  if not feats:
+    raise ValueError('The probe data yielded no batch.')
+  return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
+
+
+def train_linear_head(features, labels, num_classes: int, *, steps: int,
+                      batch_size: int, lr: float, optimizer: str = 'adamw',
+                      weight_decay: float = 0., momentum: float = 0.9,
+                      seed: int = 0) -> dict[str, jax.Array]:
+  """A linear softmax classifier {'kernel' [D, C], 'bias' [C]} fitted by
+  mini-batch `optimizer` with a cosine lr, all steps in one jitted scan."""
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f'Unknown optimizer {optimizer!r}; valid: {OPTIMIZERS}.')
+  if steps < 1 or batch_size < 1:
+    raise ValueError(f'steps={steps} and batch_size={batch_size} must be >= 1.')
+  schedule = optax.cosine_decay_schedule(lr, steps)
+  tx = (optax.adamw(schedule, weight_decay=weight_decay)
+        if optimizer == 'adamw' else optax.chain(
+            optax.add_decayed_weights(weight_decay),
+            optax.sgd(schedule, momentum=momentum)))
+  features = jnp.asarray(features, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  head = {'kernel': jnp.zeros((features.shape[1], num_classes)),
+          'bias': jnp.zeros((num_classes,))}
+
+  def loss(head, x, y):
+    logits = x @ head['kernel'] + head['bias']
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def fit(head, features, labels, key):
+    def step(carry, key):
+      head, opt_state = carry
+      idx = jax.random.randint(key, (batch_size,), 0, features.shape[0])
+      grads = jax.grad(loss)(head, features[idx], labels[idx])
+      updates, opt_state = tx.update(grads, opt_state, head)
+      return (optax.apply_updates(head, updates), opt_state), None
+    (head, _), _ = jax.lax.scan(step, (head, tx.init(head)),
+                                jax.random.split(key, steps))
+    return head
+
+  return fit(head, features, labels, jax.random.key(seed))
+
+
+def position_accuracy(head, features, labels, grid_hw: Sequence[int]):
+  """(top-1 accuracy, per-position accuracy [h, w] (NaN where no token),
+  tokens per position [h, w], mean grid distance predicted-true)."""
+  n = grid_hw[0] * grid_hw[1]
+  pred = np.asarray(jnp.argmax(jnp.asarray(features) @ head['kernel'] +
+                               head['bias'], axis=-1))
+  correct = pred == labels
+  hits = np.bincount(labels, weights=correct, minlength=n)
+  counts = np.bincount(labels, minlength=n)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    per_position = (hits / counts).reshape(grid_hw)
+  coords = grid_coords(grid_hw)
+  dist = np.linalg.norm(coords[pred] - coords[labels], axis=-1).mean()
+  return float(correct.mean()), per_position, counts.reshape(grid_hw), float(dist)
+
+
+def save_heatmap(per_position: np.ndarray, path: str, title: str) -> str:
+  """PNG heat-map of accuracy per grid position (0..1), cells annotated when
+  the grid is small enough to read."""
+  h, w = per_position.shape
+  fig = Figure(figsize=(5.2, 4.2 * h / w + 0.6), dpi=100, layout='constrained')
+  ax = fig.add_subplot()
+  im = ax.imshow(per_position, vmin=0., vmax=1., cmap='viridis')
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='top-1 accuracy')
+  if h * w <= 256:
+    for (r, c), v in np.ndenumerate(per_position):
+      ax.text(c, r, '-' if np.isnan(v) else f'{100 * v:.0f}', ha='center',
+              va='center', fontsize=7, color='w' if v < 0.6 else 'k')
+  ax.set_title(title, fontsize=9)
+  ax.set_xlabel('column')
+  ax.set_ylabel('row')
+  fig.savefig(path)
+  return path
+
+
+def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Probes `config.init` (configs/position_probe.py fields); writes the
+  heat-map position_accuracy.png to `workdir` and returns the results."""
+  frozen = load_encoder(config.init, variant=config.variant, seed=config.seed,
+                        num_heads=config.num_heads)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  frozen = dataclasses.replace(
+      frozen, params=jax.device_put(frozen.params, replicated),
+      mask_pos_token=jax.device_put(frozen.mask_pos_token, replicated))
+  size = config.image_size
+  if size is None:
+    if frozen.image_hw is None:
+      raise ValueError(f'{frozen.description} has no training resolution; '
+                       'set image_size.')
+    hw = frozen.image_hw
+  else:
+    hw = (size, size) if np.ndim(size) == 0 else tuple(size)
+  grid = vit.grid_size(hw, frozen.encoder.patch_size)
+  masking.mask_counts(grid[0] * grid[1], config.mask_ratio,
+                      config.pos_drop_ratio)
+  key = jax.random.key(config.seed)
+
+  def tokens(data_cfg, num_examples, stream):
+    return extract_dropped_tokens(
+        frozen, eval_batches(
+            data_cfg, image_hw=hw, batch_size=config.batch_size,
+            num_examples=num_examples, mesh=mesh),
+        mask_ratio=config.mask_ratio, pos_drop_ratio=config.pos_drop_ratio,
+        draws=config.mask_draws, key=jax.random.fold_in(key, stream),
+        use_mask_token=config.use_mask_token)
+
+  train_x, train_y = tokens(config.train_data, config.num_train_images, 0)
+  eval_x, eval_y = tokens(config.eval_data, config.num_eval_images, 1)
+  h = config.head
+  head = train_linear_head(
+      train_x, train_y, grid[0] * grid[1], steps=h.steps,
+      batch_size=h.batch_size, lr=h.lr, optimizer=h.optimizer,
+      weight_decay=h.weight_decay, momentum=h.momentum, seed=config.seed)
+  acc, per_position, counts, dist = position_accuracy(head, eval_x, eval_y,
+                                                      grid)
+  train_acc = position_accuracy(head, train_x, train_y, grid)[0]
+  token = ('mask_pos_token' if config.use_mask_token and
+           frozen.mask_pos_token is not None else 'no PE')
+  results = {
+      'init': frozen.description, 'acc': acc, 'train_acc': train_acc,
+      'chance': 1. / (grid[0] * grid[1]), 'dist_err': dist,
+      'grid': list(grid), 'image_hw': list(hw), 'dropped_pe': token,
+      'num_train_tokens': int(len(train_y)), 'num_eval_tokens': int(len(eval_y)),
+      'per_position': np.where(np.isnan(per_position), None,
+                               per_position).tolist(),
+      'eval_tokens_per_position': counts.tolist()}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    save_heatmap(per_position, os.path.join(workdir, 'position_accuracy.png'),
+                 f'{frozen.description}\nheld-out position top-1, mean '
+                 f'{100 * acc:.1f}% (chance {100 / (grid[0] * grid[1]):.1f}%)')
+  return results
