@@ -74,154 +74,153 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   abstract_vars = jax.eval_shape(
       lambda: model.init(jax.random.key(config.seed), dummy))
   tx = finetune.make_optimizer(config, lr_fn, abstract_vars['params'])
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                 max_to_keep=config.keep_ckpts)
-  start = ckpts.latest_step()
-  loaded = {}
-  if start is None and config.init.path:
-    loaded = finetune.load_init(config.init, config.protocol,
-                                abstract_vars['params'], hw, patch)
-  elif start is None:
-    logging.info('No init.path: training from random initialisation.')
+  with checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                              max_to_keep=config.keep_ckpts) as ckpts:
+    start = ckpts.latest_step()
+    loaded = {}
+    if start is None and config.init.path:
+      loaded = finetune.load_init(config.init, config.protocol,
+                                  abstract_vars['params'], hw, patch)
+    elif start is None:
+      logging.info('No init.path: training from random initialisation.')
 
-  is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-  logging.info('Config:\n%s', config)
-  logging.info('%s: %d classes, %d steps (%d/epoch, %d warm-up), peak lr %.3g, '
-               'image %s, mesh %s, sharding %s.', config.protocol, num_classes,
-               total_steps, steps_per_epoch, warmup_steps, peak_lr, hw,
-               dict(mesh.shape), config.sharding)
+    is_main = jax.process_index() == 0
+    if is_main:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+    logging.info('Config:\n%s', config)
+    logging.info('%s: %d classes, %d steps (%d/epoch, %d warm-up), peak lr %.3g, '
+                 'image %s, mesh %s, sharding %s.', config.protocol, num_classes,
+                 total_steps, steps_per_epoch, warmup_steps, peak_lr, hw,
+                 dict(mesh.shape), config.sharding)
 
-  # ------------------------------------------------------- model and state
-  def init_state(loaded):
-    variables = model.init(jax.random.key(config.seed), dummy)
-    params = {**variables['params'], **loaded}
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params,
-             'opt_state': tx.init(params)}
-    if 'batch_stats' in variables:
-      state['batch_stats'] = variables['batch_stats']
-    return state
+    # ------------------------------------------------------- model and state
+    def init_state(loaded):
+      variables = model.init(jax.random.key(config.seed), dummy)
+      params = {**variables['params'], **loaded}
+      state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+               'opt_state': tx.init(params)}
+      if 'batch_stats' in variables:
+        state['batch_stats'] = variables['batch_stats']
+      return state
 
-  abstract = jax.eval_shape(init_state, loaded)
-  state_sh = sharding.state_shardings(abstract, mesh, config.sharding)
-  logging.info('Parameters: %.2fM.', sum(
-      x.size for x in jax.tree.leaves(abstract['params'])) / 1e6)
+    abstract = jax.eval_shape(init_state, loaded)
+    state_sh = sharding.state_shardings(abstract, mesh, config.sharding)
+    logging.info('Parameters: %.2fM.', sum(
+        x.size for x in jax.tree.leaves(abstract['params'])) / 1e6)
 
-  # ---------------------------------------------------------------- restore
-  model_id = {'protocol': config.protocol, 'model': config.model.to_dict(),
-              'num_classes': num_classes, 'image_hw': list(hw)}
-  if start is not None:
-    meta = ckpts.restore_meta(start)
-    saved_id = {key: meta.get(key) for key in model_id}
-    if json.loads(json.dumps(model_id)) != saved_id:
-      raise ValueError(f'{workdir} holds a checkpoint of another model '
-                       f'({saved_id}) than the config asks for ({model_id}); '
-                       'use a new --workdir.')
-    state, meta = ckpts.restore(
-        start, checkpoint.abstract_with_shardings(abstract, state_sh))
-    data_step = meta['data_step']
-    logging.info('Resumed from step %d.', start)
-  else:
-    state = jax.jit(init_state, out_shardings=state_sh)(loaded)
-    start = data_step = 0
-  del loaded
+    # ---------------------------------------------------------------- restore
+    model_id = {'protocol': config.protocol, 'model': config.model.to_dict(),
+                'num_classes': num_classes, 'image_hw': list(hw)}
+    if start is not None:
+      meta = ckpts.restore_meta(start)
+      saved_id = {key: meta.get(key) for key in model_id}
+      if json.loads(json.dumps(model_id)) != saved_id:
+        raise ValueError(f'{workdir} holds a checkpoint of another model '
+                         f'({saved_id}) than the config asks for ({model_id}); '
+                         'use a new --workdir.')
+      state, meta = ckpts.restore(
+          start, checkpoint.abstract_with_shardings(abstract, state_sh))
+      data_step = meta['data_step']
+      logging.info('Resumed from step %d.', start)
+    else:
+      state = jax.jit(init_state, out_shardings=state_sh)(loaded)
+      start = data_step = 0
+    del loaded
 
-  # ------------------------------------------------------------------- data
-  local_batch = config.batch_size // jax.process_count()
-  batch_sh = sharding.batch_sharding(mesh)
-  batches = input_pipeline.global_batches(
-      finetune_data.make_train_iterator(
-          config.data, config.augment, image_size=hw,
-          local_batch_size=local_batch, seed=config.seed, start_step=data_step,
-          process_index=jax.process_index(),
-          process_count=jax.process_count()), batch_sh)
-
-  # -------------------------------------------------------------- step fns
-  train_step = jax.jit(
-      finetune.make_train_step(model, tx, num_classes=num_classes,
-                               mix_cfg=config.mix, lr_fn=lr_fn,
-                               seed=config.seed),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-      donate_argnums=(0,))
-  eval_step = jax.jit(finetune.make_eval_step(model, num_classes),
-                      in_shardings=(state_sh, batch_sh))
-
-  def evaluate(state):
-    """Top-1/top-5 and loss over the whole validation split."""
-    sums = None
-    for batch in input_pipeline.global_batches(
-        input_pipeline.make_eval_iterator(
-            config.val_data, image_size=hw,
-            local_batch_size=config.eval_batch_size // jax.process_count(),
+    # ------------------------------------------------------------------- data
+    local_batch = config.batch_size // jax.process_count()
+    batch_sh = sharding.batch_sharding(mesh)
+    batches = input_pipeline.global_batches(
+        finetune_data.make_train_iterator(
+            config.data, config.augment, image_size=hw,
+            local_batch_size=local_batch, seed=config.seed, start_step=data_step,
             process_index=jax.process_index(),
-            process_count=jax.process_count()), batch_sh):
-      out = eval_step(state, batch)
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    n = max(float(sums['count']), 1.)
-    return {'acc1': sums['correct1'] / n, 'acc5': sums['correct5'] / n,
-            'loss': sums['loss_sum'] / n, 'count': float(sums['count'])}
+            process_count=jax.process_count()), batch_sh)
 
-  # ------------------------------------------------------------------ loop
-  preempted = []
-  signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  make_logger = lambda prefix: metric_logging.MetricLogger(
-      workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      global_batch=config.batch_size, is_main=is_main, prefix=prefix,
-      fields=metric_logging.CLASSIFICATION_FIELDS)
-  logger, val_logger = make_logger('train'), make_logger('val')
-  losses_seen: dict[int, float] = {}
-  evals: dict[int, dict[str, float]] = {}
-  eval_every = config.eval_every_epochs * steps_per_epoch
+    # -------------------------------------------------------------- step fns
+    train_step = jax.jit(
+        finetune.make_train_step(model, tx, num_classes=num_classes,
+                                 mix_cfg=config.mix, lr_fn=lr_fn,
+                                 seed=config.seed),
+        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+        donate_argnums=(0,))
+    eval_step = jax.jit(finetune.make_eval_step(model, num_classes),
+                        in_shardings=(state_sh, batch_sh))
 
-  def record(step, metrics):
-    """Fetches one step's metrics (a step behind, to keep the device busy)."""
-    metrics = jax.device_get(metrics)
-    if not np.isfinite(metrics['loss']):
-      raise FloatingPointError(
-          f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. The '
-          f'last good checkpoint (step {ckpts.latest_step()}) is kept.')
-    losses_seen[step] = float(metrics['loss'])
-    logger.add(metrics)
-    if step == start + 1:
-      logger.start(step)  # throughput excludes the first compile
-    if step % config.log_every == 0 or step == total_steps:
-      logger.flush(step)
+    def evaluate(state):
+      """Top-1/top-5 and loss over the whole validation split."""
+      sums = None
+      for batch in input_pipeline.global_batches(
+          input_pipeline.make_eval_iterator(
+              config.val_data, image_size=hw,
+              local_batch_size=config.eval_batch_size // jax.process_count(),
+              process_index=jax.process_index(),
+              process_count=jax.process_count()), batch_sh):
+        out = eval_step(state, batch)
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+      sums = jax.device_get(sums)
+      n = max(float(sums['count']), 1.)
+      return {'acc1': sums['correct1'] / n, 'acc5': sums['correct5'] / n,
+              'loss': sums['loss_sum'] / n, 'count': float(sums['count'])}
 
-  pending = None
-  step = start
-  try:
-    for step in range(start + 1, total_steps + 1):
-      state, metrics = train_step(state, next(batches))
-      if pending is not None:
-        record(*pending)
-      pending = (step, metrics)
-      stop = bool(preempted) or (
-          jax.process_count() > 1 and
-          multihost_utils.reached_preemption_sync_point(step))
-      if step % config.ckpt_every == 0 or step == total_steps or stop:
-        record(*pending)
-        pending = None
-        ckpts.save(step, state, {'step': step, 'data_step': step,
-                                 'seed': config.seed, **model_id})
-      if stop:
-        logging.warning('Preemption signal: saved step %d, exiting.', step)
-        break
-      if step % eval_every == 0 or step == total_steps:
+    # ------------------------------------------------------------------ loop
+    preempted = []
+    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    make_logger = lambda prefix: metric_logging.MetricLogger(
+        workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        global_batch=config.batch_size, is_main=is_main, prefix=prefix,
+        fields=metric_logging.CLASSIFICATION_FIELDS)
+    logger, val_logger = make_logger('train'), make_logger('val')
+    losses_seen: dict[int, float] = {}
+    evals: dict[int, dict[str, float]] = {}
+    eval_every = config.eval_every_epochs * steps_per_epoch
+
+    def record(step, metrics):
+      """Fetches one step's metrics (a step behind, to keep the device busy)."""
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics['loss']):
+        raise FloatingPointError(
+            f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. The '
+            f'last good checkpoint (step {ckpts.latest_step()}) is kept.')
+      losses_seen[step] = float(metrics['loss'])
+      logger.add(metrics)
+      if step == start + 1:
+        logger.start(step)  # throughput excludes the first compile
+      if step % config.log_every == 0 or step == total_steps:
+        logger.flush(step)
+
+    pending = None
+    step = start
+    try:
+      for step in range(start + 1, total_steps + 1):
+        state, metrics = train_step(state, next(batches))
         if pending is not None:
           record(*pending)
+        pending = (step, metrics)
+        stop = bool(preempted) or (
+            jax.process_count() > 1 and
+            multihost_utils.reached_preemption_sync_point(step))
+        if step % config.ckpt_every == 0 or step == total_steps or stop:
+          record(*pending)
           pending = None
-        evals[step] = evaluate(state)
-        val_logger.add({k: v for k, v in evals[step].items() if k != 'count'})
-        val_logger.flush(step)
-        logger.start(step)  # throughput excludes the evaluation
-  finally:
-    ckpts.close()
-    logger.close()
-    val_logger.close()
+          ckpts.save(step, state, {'step': step, 'data_step': step,
+                                   'seed': config.seed, **model_id})
+        if stop:
+          logging.warning('Preemption signal: saved step %d, exiting.', step)
+          break
+        if step % eval_every == 0 or step == total_steps:
+          if pending is not None:
+            record(*pending)
+            pending = None
+          evals[step] = evaluate(state)
+          val_logger.add({k: v for k, v in evals[step].items() if k != 'count'})
+          val_logger.flush(step)
+          logger.start(step)  # throughput excludes the evaluation
+    finally:
+      logger.close()
+      val_logger.close()
   if evals:
     best = max(evals, key=lambda s: evals[s]['acc1'])
     logging.info('Best val top-1 %.2f%% (top-5 %.2f%%) at step %d; last '

@@ -107,90 +107,89 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                    abstract['params']['projector'])) / 1e6)
 
   # ---------------------------------------------------------------- restore
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                 max_to_keep=config.keep_ckpts)
-  model_id = {'model': config.model.to_dict(), 'image_hw': list(hw)}
-  start = ckpts.latest_step()
-  if start is not None:
-    meta = ckpts.restore_meta(start)
-    saved_id = {key: meta.get(key) for key in model_id}
-    if json.loads(json.dumps(model_id)) != saved_id:
-      raise ValueError(f'{workdir} holds a checkpoint of another model '
-                       f'({saved_id}) than the config asks for ({model_id}); '
-                       'use a new --workdir.')
-    state, meta = ckpts.restore(
-        start, checkpoint.abstract_with_shardings(abstract, state_sh))
-    data_step = meta['data_step']
-    logging.info('Resumed from step %d (sigma %.4f).', start, meta['sigma'])
-  else:
-    state = jax.jit(init_state, out_shardings=state_sh)()
-    start = data_step = 0
+  with checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                              max_to_keep=config.keep_ckpts) as ckpts:
+    model_id = {'model': config.model.to_dict(), 'image_hw': list(hw)}
+    start = ckpts.latest_step()
+    if start is not None:
+      meta = ckpts.restore_meta(start)
+      saved_id = {key: meta.get(key) for key in model_id}
+      if json.loads(json.dumps(model_id)) != saved_id:
+        raise ValueError(f'{workdir} holds a checkpoint of another model '
+                         f'({saved_id}) than the config asks for ({model_id}); '
+                         'use a new --workdir.')
+      state, meta = ckpts.restore(
+          start, checkpoint.abstract_with_shardings(abstract, state_sh))
+      data_step = meta['data_step']
+      logging.info('Resumed from step %d (sigma %.4f).', start, meta['sigma'])
+    else:
+      state = jax.jit(init_state, out_shardings=state_sh)()
+      start = data_step = 0
 
-  # ------------------------------------------------------------------- data
-  local_batch = config.batch_size // jax.process_count()
-  batches = input_pipeline.global_batches(
-      input_pipeline.make_pretrain_iterator(
-          config.data, image_size=hw, local_batch_size=local_batch,
-          seed=config.seed, start_step=data_step,
-          process_index=jax.process_index(),
-          process_count=jax.process_count()),
-      sharding.batch_sharding(mesh))
+    # ------------------------------------------------------------------- data
+    local_batch = config.batch_size // jax.process_count()
+    batches = input_pipeline.global_batches(
+        input_pipeline.make_pretrain_iterator(
+            config.data, image_size=hw, local_batch_size=local_batch,
+            seed=config.seed, start_step=data_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count()),
+        sharding.batch_sharding(mesh))
 
-  # --------------------------------------------------------------- step fn
-  step_fn = pretrain.make_train_step(
-      model, tx, obj_cfg, sigma_fn=sigma_fn, lr_fn=lr_fn, seed=config.seed,
-      accum_steps=config.grad_accum_steps)
-  train_step = jax.jit(
-      step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sh, None), donate_argnums=(0,))
+    # --------------------------------------------------------------- step fn
+    step_fn = pretrain.make_train_step(
+        model, tx, obj_cfg, sigma_fn=sigma_fn, lr_fn=lr_fn, seed=config.seed,
+        accum_steps=config.grad_accum_steps)
+    train_step = jax.jit(
+        step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, None), donate_argnums=(0,))
 
-  # ------------------------------------------------------------------ loop
-  preempted = []
-  signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  logger = metric_logging.MetricLogger(
-      workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      global_batch=config.batch_size, is_main=is_main)
-  losses_seen: dict[int, float] = {}
+    # ------------------------------------------------------------------ loop
+    preempted = []
+    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    logger = metric_logging.MetricLogger(
+        workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        global_batch=config.batch_size, is_main=is_main)
+    losses_seen: dict[int, float] = {}
 
-  def record(step, metrics):
-    """Fetches one step's metrics (a step behind, to keep the device busy)."""
-    metrics = jax.device_get(metrics)
-    if not np.isfinite(metrics['loss']):
-      raise FloatingPointError(
-          f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. The '
-          f'last good checkpoint (step {ckpts.latest_step()}) is kept.')
-    losses_seen[step] = float(metrics['loss'])
-    logger.add({k: v for k, v in metrics.items() if k != 'weight_sum'})
-    if step == start + 1:
-      logger.start(step)  # throughput excludes the first compile
-    if step % config.log_every == 0 or step == total_steps:
-      logger.flush(step)
+    def record(step, metrics):
+      """Fetches one step's metrics (a step behind, to keep the device busy)."""
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics['loss']):
+        raise FloatingPointError(
+            f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. The '
+            f'last good checkpoint (step {ckpts.latest_step()}) is kept.')
+      losses_seen[step] = float(metrics['loss'])
+      logger.add({k: v for k, v in metrics.items() if k != 'weight_sum'})
+      if step == start + 1:
+        logger.start(step)  # throughput excludes the first compile
+      if step % config.log_every == 0 or step == total_steps:
+        logger.flush(step)
 
-  def save(step, sigma):
-    ckpts.save(step, state, {'step': step, 'data_step': step, 'sigma': sigma,
-                             'seed': config.seed, **model_id})
+    def save(step, sigma):
+      ckpts.save(step, state, {'step': step, 'data_step': step, 'sigma': sigma,
+                               'seed': config.seed, **model_id})
 
-  pending = None
-  step = start
-  try:
-    for step in range(start + 1, total_steps + 1):
-      state, metrics = train_step(state, next(batches)['image'])
-      if pending is not None:
-        record(*pending)
-      pending = (step, metrics)
-      stop = bool(preempted) or (
-          jax.process_count() > 1 and
-          multihost_utils.reached_preemption_sync_point(step))
-      if step % config.ckpt_every == 0 or step == total_steps or stop:
-        record(*pending)
-        pending = None
-        save(step, float(metrics['sigma']))
-      if stop:
-        logging.warning('Preemption signal: saved step %d, exiting.', step)
-        break
-  finally:
-    ckpts.close()
-    logger.close()
+    pending = None
+    step = start
+    try:
+      for step in range(start + 1, total_steps + 1):
+        state, metrics = train_step(state, next(batches)['image'])
+        if pending is not None:
+          record(*pending)
+        pending = (step, metrics)
+        stop = bool(preempted) or (
+            jax.process_count() > 1 and
+            multihost_utils.reached_preemption_sync_point(step))
+        if step % config.ckpt_every == 0 or step == total_steps or stop:
+          record(*pending)
+          pending = None
+          save(step, float(metrics['sigma']))
+        if stop:
+          logging.warning('Preemption signal: saved step %d, exiting.', step)
+          break
+    finally:
+      logger.close()
   return {'losses': losses_seen, 'last_step': step, 'total_steps': total_steps,
           'preempted': bool(preempted)}
 

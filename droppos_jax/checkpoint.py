@@ -62,8 +62,20 @@ class Checkpoints:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    # The start-up removal of half-written saves runs in a thread that only
+    # a save awaits; a run that stops before saving must await it too, or it
+    # fails at interpreter exit (orbax 0.12.8 has no public call for this).
+    self._manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def __enter__(self) -> 'Checkpoints':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    # Also on errors: a background save thread left open prints a traceback
+    # at interpreter exit, burying the real message.
+    self.close()
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

@@ -163,7 +163,7 @@ def test_bad_data_and_variant_fail_before_compile(image_dir, tmp_path,
     train.train(config, str(tmp_path / 'w1'))
   os.makedirs(tmp_path / 'empty')
   config.data.path = str(tmp_path / 'empty')
-  with pytest.raises(ValueError, match='no images'):
+  with pytest.raises(ValueError, match='No images found'):
     train.train(config, str(tmp_path / 'w2'))
   config = tiny_config(image_dir)
   config.model.variant = 'Q/8'
