@@ -22,6 +22,7 @@ import numpy as np
 
 from droppos_jax import checkpoint, input_pipeline, launch, metric_logging
 from droppos_jax import optim, pretrain, sharding
+from droppos_jax.evaluators import online
 from droppos_jax.losses import make_sigma_schedule
 from droppos_jax.models import droppos as droppos_model
 
@@ -77,6 +78,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sigma_fn = make_sigma_schedule(
       config.objective.sigma_schedule, config.objective.sigma,
       total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  evaluator = online.OnlineEvaluator(config.eval, model=model, obj_cfg=obj_cfg,
+                                     mesh=mesh)
 
   is_main = jax.process_index() == 0
   if is_main:
@@ -144,6 +147,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, None), donate_argnums=(0,))
 
+    eval_logger = metric_logging.MetricLogger(
+        workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        global_batch=config.batch_size, is_main=is_main, prefix='eval',
+        fields=metric_logging.ONLINE_EVAL_FIELDS)
+
     # ------------------------------------------------------------------ loop
     preempted = []
     signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -188,8 +196,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if stop:
           logging.warning('Preemption signal: saved step %d, exiting.', step)
           break
+        if evaluator.due(step):  # before the next step donates the params
+          eval_logger.add(evaluator.run(state['params'], step))
+          eval_logger.flush(step)
     finally:
       logger.close()
+      eval_logger.close()
   return {'losses': losses_seen, 'last_step': step, 'total_steps': total_steps,
           'preempted': bool(preempted)}
 

@@ -2,6 +2,8 @@
 import ml_collections
 from ml_collections import config_dict
 
+from droppos_jax.evaluators import online
+
 
 def parse_arg(arg, valid):
   """'variant=B/16,epochs=800' -> dict; bare words are flags set to True."""
@@ -52,4 +54,5 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.ckpt_every = 1000
   c.keep_ckpts = 3
+  c.eval = online.default_eval_config()   # k-NN + held-out position acc
   return c

@@ -26,4 +26,6 @@ def get_config(arg=None):
   c.log_every = 50
   c.ckpt_every = 500
   c.keep_ckpts = 2
+  c.eval.enabled = True            # k-NN on photo labels, held-out positions
+  c.eval.every_steps = 1600
   return c

@@ -19,6 +19,9 @@ PRETRAIN_FIELDS = (('loss', 'loss', '.4f'), ('acc1', 'pos acc', '.1%'),
 CLASSIFICATION_FIELDS = (('loss', 'loss', '.4f'), ('acc1', 'acc1', '.2%'),
                          ('acc5', 'acc5', '.2%'), ('lr', 'lr', '.2e'),
                          ('grad_norm', 'grad norm', '.3f'))
+ONLINE_EVAL_FIELDS = (('knn_top1', 'k-NN top-1', '.1%'),
+                      ('heldout_pos_acc', 'held-out pos acc', '.1%'),
+                      ('heldout_dist_err', 'held-out dist', '.2f'))
 
 
 def _eta(seconds: float) -> str:

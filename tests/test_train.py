@@ -196,3 +196,16 @@ def test_command_line_rejects_unknown_key_and_bad_batch(image_dir, tmp_path):
   assert missing.returncode != 0
   assert "error: data.path '/no/such/dir' is not an existing directory" in (
       missing.stderr)
+
+
+def test_online_evaluator_runs_inside_pretraining(image_dir, tmp_path):
+  config = tiny_config(image_dir)
+  config.eval.enabled = True
+  config.eval.every_steps = 3
+  config.eval.num_bank_examples, config.eval.num_query_examples = 32, 16
+  config.eval.batch_size = 16
+  train.train(config, str(tmp_path))
+  logged = [json.loads(l) for l in (tmp_path / 'eval_metrics.jsonl').open()]
+  assert [r['step'] for r in logged] == [3, 6]
+  for r in logged:
+    assert 0 <= r['knn_top1'] <= 1 and 0 <= r['heldout_pos_acc'] <= 1
