@@ -8,7 +8,6 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 from typing import Any
@@ -115,14 +114,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     model_id = {'model': config.model.to_dict(), 'image_hw': list(hw)}
     start = ckpts.latest_step()
     if start is not None:
-      meta = ckpts.restore_meta(start)
-      saved_id = {key: meta.get(key) for key in model_id}
-      if json.loads(json.dumps(model_id)) != saved_id:
-        raise ValueError(f'{workdir} holds a checkpoint of another model '
-                         f'({saved_id}) than the config asks for ({model_id}); '
-                         'use a new --workdir.')
-      state, meta = ckpts.restore(
-          start, checkpoint.abstract_with_shardings(abstract, state_sh))
+      state, meta = ckpts.restore_run(
+          start, checkpoint.abstract_with_shardings(abstract, state_sh),
+          model_id)
       data_step = meta['data_step']
       logging.info('Resumed from step %d (sigma %.4f).', start, meta['sigma'])
     else:

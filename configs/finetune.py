@@ -78,6 +78,18 @@ def demo_data(c, image_size=32):
   c.ckpt_every = 500
 
 
+def runlocal(c):
+  """Tiny smoke-test sizes (mu/8, a few demo crops, 4 steps)."""
+  demo_data(c)
+  c.model.variant = 'mu/8'
+  c.data.num_images, c.val_data.num_images = 32, 24
+  c.data.crop_size = c.val_data.crop_size = 40
+  c.batch_size = c.eval_batch_size = 16
+  c.num_train_steps = 4
+  c.warmup_epochs = 0
+  c.log_every = 1
+
+
 def get_config(arg=None):
   args = common.parse_arg(arg, VALID_ARGS)
   variant = args.get('variant', 'B/16')
@@ -95,12 +107,5 @@ def get_config(arg=None):
     c.epochs = 30
     c.eval_every_epochs = 2
   if args.get('runlocal'):
-    demo_data(c)
-    c.model.variant = 'mu/8'
-    c.data.num_images, c.val_data.num_images = 32, 24
-    c.data.crop_size = c.val_data.crop_size = 40
-    c.batch_size = c.eval_batch_size = 16
-    c.num_train_steps = 4
-    c.warmup_epochs = 0
-    c.log_every = 1
+    runlocal(c)
   return c

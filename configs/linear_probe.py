@@ -50,12 +50,5 @@ def get_config(arg=None):
     c.warmup_epochs = 4
     c.eval_every_epochs = 4
   if args.get('runlocal'):
-    finetune_config.demo_data(c)
-    c.model.variant = 'mu/8'
-    c.data.num_images, c.val_data.num_images = 32, 24
-    c.data.crop_size = c.val_data.crop_size = 40
-    c.batch_size = c.eval_batch_size = 16
-    c.num_train_steps = 4
-    c.warmup_epochs = 0
-    c.log_every = 1
+    finetune_config.runlocal(c)
   return c

@@ -58,6 +58,19 @@ class Checkpoints:
           f'size?): {e}') from e
     return out['state'], out['meta']
 
+  def restore_run(self, step: int, abstract_state: Any,
+                  model_id: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Resumes a run: like `restore`, after checking that the checkpoint was
+    saved for the same model (`model_id`, JSON-able, stored in its meta)."""
+    meta = self.restore_meta(step)
+    saved = {key: meta.get(key) for key in model_id}
+    if json.loads(json.dumps(model_id)) != saved:
+      raise ValueError(
+          f'{self._manager.directory} holds a checkpoint of another model '
+          f'({saved}) than the config asks for ({model_id}); use a new '
+          '--workdir.')
+    return self.restore(step, abstract_state)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -88,9 +88,9 @@ class MetricLogger:
     parts = [f'{label} {format(means[key], fmt)}'
              for key, label, fmt in self.fields if key in means]
     if 'images_per_sec' in means:
-      parts.append(f'{means["images_per_sec"]:.0f} img/s')
-    logging.info('[%d/%d] %s ep %.2f | %s | ETA %s', step, self.total_steps,
-                 self.prefix, means['epoch'], ' | '.join(parts), _eta(eta))
+      parts += [f'{means["images_per_sec"]:.0f} img/s', f'ETA {_eta(eta)}']
+    logging.info('[%d/%d] %s ep %.2f | %s', step, self.total_steps,
+                 self.prefix, means['epoch'], ' | '.join(parts))
     return means
 
   def close(self) -> None:
