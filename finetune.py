@@ -14,15 +14,12 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from droppos_jax import checkpoint, finetune, finetune_data, input_pipeline
 from droppos_jax import launch, metric_logging, optim, sharding
@@ -160,54 +157,35 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               'loss': sums['loss_sum'] / n, 'count': float(sums['count'])}
 
     # ------------------------------------------------------------------ loop
-    preempted = []
-    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    preemption = launch.PreemptionWatch()
     make_logger = lambda prefix: metric_logging.MetricLogger(
         workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         global_batch=config.batch_size, is_main=is_main, prefix=prefix,
         fields=metric_logging.CLASSIFICATION_FIELDS)
     logger, val_logger = make_logger('train'), make_logger('val')
-    losses_seen: dict[int, float] = {}
     evals: dict[int, dict[str, float]] = {}
     eval_every = config.eval_every_epochs * steps_per_epoch
 
-    def record(step, metrics):
-      """Fetches one step's metrics (a step behind, to keep the device busy)."""
-      metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics['loss']):
-        raise FloatingPointError(
-            f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. The '
-            f'last good checkpoint (step {ckpts.latest_step()}) is kept.')
-      losses_seen[step] = float(metrics['loss'])
-      logger.add(metrics)
-      if step == start + 1:
-        logger.start(step)  # throughput excludes the first compile
-      if step % config.log_every == 0 or step == total_steps:
-        logger.flush(step)
+    recorder = metric_logging.LaggedRecorder(
+        logger, start=start, log_every=config.log_every,
+        last_good_step=ckpts.latest_step)
 
-    pending = None
     step = start
+    stop = False
     try:
       for step in range(start + 1, total_steps + 1):
         state, metrics = train_step(state, next(batches))
-        if pending is not None:
-          record(*pending)
-        pending = (step, metrics)
-        stop = bool(preempted) or (
-            jax.process_count() > 1 and
-            multihost_utils.reached_preemption_sync_point(step))
+        recorder.push(step, metrics)
+        stop = preemption.should_stop(step)
         if step % config.ckpt_every == 0 or step == total_steps or stop:
-          record(*pending)
-          pending = None
+          recorder.flush()
           ckpts.save(step, state, {'step': step, 'data_step': step,
                                    'seed': config.seed, **model_id})
         if stop:
           logging.warning('Preemption signal: saved step %d, exiting.', step)
           break
         if step % eval_every == 0 or step == total_steps:
-          if pending is not None:
-            record(*pending)
-            pending = None
+          recorder.flush()
           evals[step] = evaluate(state)
           val_logger.add({k: v for k, v in evals[step].items() if k != 'count'})
           val_logger.flush(step)
@@ -220,9 +198,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info('Best val top-1 %.2f%% (top-5 %.2f%%) at step %d; last '
                  '%.2f%%.', 100 * evals[best]['acc1'], 100 * evals[best]['acc5'],
                  best, 100 * evals[max(evals)]['acc1'])
-  return {'losses': losses_seen, 'evals': evals, 'last_step': step,
+  return {'losses': recorder.losses, 'evals': evals, 'last_step': step,
           'total_steps': total_steps, 'num_classes': num_classes,
-          'preempted': bool(preempted)}
+          'preempted': stop}
 
 
 if __name__ == '__main__':

@@ -9,15 +9,12 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from droppos_jax import checkpoint, input_pipeline, launch, metric_logging
 from droppos_jax import optim, pretrain, sharding
@@ -141,52 +138,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, None), donate_argnums=(0,))
 
+    # ------------------------------------------------------------------ loop
+    preemption = launch.PreemptionWatch()
+    logger = metric_logging.MetricLogger(
+        workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        global_batch=config.batch_size, is_main=is_main)
     eval_logger = metric_logging.MetricLogger(
         workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         global_batch=config.batch_size, is_main=is_main, prefix='eval',
         fields=metric_logging.ONLINE_EVAL_FIELDS)
+    recorder = metric_logging.LaggedRecorder(
+        logger, start=start, log_every=config.log_every,
+        last_good_step=ckpts.latest_step, drop_keys=('weight_sum',))
 
-    # ------------------------------------------------------------------ loop
-    preempted = []
-    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-    logger = metric_logging.MetricLogger(
-        workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        global_batch=config.batch_size, is_main=is_main)
-    losses_seen: dict[int, float] = {}
-
-    def record(step, metrics):
-      """Fetches one step's metrics (a step behind, to keep the device busy)."""
-      metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics['loss']):
-        raise FloatingPointError(
-            f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. The '
-            f'last good checkpoint (step {ckpts.latest_step()}) is kept.')
-      losses_seen[step] = float(metrics['loss'])
-      logger.add({k: v for k, v in metrics.items() if k != 'weight_sum'})
-      if step == start + 1:
-        logger.start(step)  # throughput excludes the first compile
-      if step % config.log_every == 0 or step == total_steps:
-        logger.flush(step)
-
-    def save(step, sigma):
-      ckpts.save(step, state, {'step': step, 'data_step': step, 'sigma': sigma,
-                               'seed': config.seed, **model_id})
-
-    pending = None
     step = start
+    stop = False
     try:
       for step in range(start + 1, total_steps + 1):
         state, metrics = train_step(state, next(batches)['image'])
-        if pending is not None:
-          record(*pending)
-        pending = (step, metrics)
-        stop = bool(preempted) or (
-            jax.process_count() > 1 and
-            multihost_utils.reached_preemption_sync_point(step))
+        recorder.push(step, metrics)
+        stop = preemption.should_stop(step)
         if step % config.ckpt_every == 0 or step == total_steps or stop:
-          record(*pending)
-          pending = None
-          save(step, float(metrics['sigma']))
+          recorder.flush()
+          ckpts.save(step, state, {
+              'step': step, 'data_step': step, 'sigma': float(metrics['sigma']),
+              'seed': config.seed, **model_id})
         if stop:
           logging.warning('Preemption signal: saved step %d, exiting.', step)
           break
@@ -196,8 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
       logger.close()
       eval_logger.close()
-  return {'losses': losses_seen, 'last_step': step, 'total_steps': total_steps,
-          'preempted': bool(preempted)}
+  return {'losses': recorder.losses, 'last_step': step,
+          'total_steps': total_steps, 'preempted': stop}
 
 
 if __name__ == '__main__':

@@ -3,11 +3,13 @@ from configs, epochs -> steps, quiet Orbax logs, and clean error exits."""
 from __future__ import annotations
 
 import logging as std_logging
+import signal
 import sys
 from typing import Any, Callable
 
 from absl import flags, logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from droppos_jax import sharding
@@ -72,3 +74,20 @@ def run(train_fn: Callable[[Any, str], Any]) -> None:
       sys.exit(f'error: {e}')
 
   app.run(main)
+
+
+class PreemptionWatch:
+  """Tells the training loop to save and stop: on SIGTERM (how a TPU VM is
+  preempted) or, across hosts, at JAX's preemption sync point."""
+
+  def __init__(self):
+    self.signalled = False
+    signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, *_):
+    self.signalled = True
+
+  def should_stop(self, step: int) -> bool:
+    return self.signalled or (
+        jax.process_count() > 1 and
+        multihost_utils.reached_preemption_sync_point(step))

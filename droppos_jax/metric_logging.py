@@ -6,10 +6,12 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from absl import logging
 from clu import metric_writers
+import jax
+import numpy as np
 
 
 # (metric, console label, format) of the progress line.
@@ -97,3 +99,47 @@ class MetricLogger:
     if self.is_main:
       self._writer.close()
       self._jsonl.close()
+
+
+class LaggedRecorder:
+  """Feeds per-step device metrics to a MetricLogger one step late.
+
+  Fetching step t's metrics after step t+1 is dispatched keeps the device
+  busy, yet every loss is checked: a non-finite one raises FloatingPointError
+  naming the step, before the caller can save that state.
+  """
+
+  def __init__(self, logger: MetricLogger, *, start: int, log_every: int,
+               last_good_step: Callable[[], Optional[int]],
+               drop_keys: tuple[str, ...] = ()):
+    self.logger = logger
+    self.start = start
+    self.log_every = log_every
+    self.last_good_step = last_good_step
+    self.drop_keys = drop_keys
+    self.losses: dict[int, float] = {}
+    self._pending = None
+
+  def push(self, step: int, metrics) -> None:
+    """Records the previous step's metrics, then holds on to these."""
+    self.flush()
+    self._pending = (step, metrics)
+
+  def flush(self) -> None:
+    """Records the held metrics now (before a save or an evaluation)."""
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    metrics = jax.device_get(metrics)
+    if not np.isfinite(metrics['loss']):
+      raise FloatingPointError(
+          f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. The '
+          f'last good checkpoint (step {self.last_good_step()}) is kept.')
+    self.losses[step] = float(metrics['loss'])
+    self.logger.add({k: v for k, v in metrics.items()
+                     if k not in self.drop_keys})
+    if step == self.start + 1:
+      self.logger.start(step)  # throughput excludes the first compile
+    if step % self.log_every == 0 or step == self.logger.total_steps:
+      self.logger.flush(step)
