@@ -258,14 +258,17 @@ def _open(cfg) -> _Source:
     split = cfg.get('split') or 'train'
     crop = cfg.get('crop_size') or 96
     num = demo_data.check_args(split, cfg.get('num_images'), crop)
+    crop_seed = cfg.get('seed') or 0  # another seed: other crops, same pixels
 
     def shard(index, count, equal):
       tf = _tf()
-      images, labels, _ = demo_data.load_demo_images(num, crop, split=split)
+      images, labels, _ = demo_data.load_demo_images(num, crop, seed=crop_seed,
+                                                     split=split)
       images = tf.constant(images)
       pos = _shard_positions(num, index, count, equal)
       return _ArrayShard(pos, labels[pos], lambda i: tf.gather(images, i))
-    return _Source(f'demo/{split}', num, _array_shard_sizes(num), shard)
+    return _Source(f'demo/{split} (crop seed {crop_seed})', num,
+                   _array_shard_sizes(num), shard)
   if source == 'folder':
     files, labels, _ = _list_folder(cfg.get('path'))
 

@@ -13,7 +13,7 @@ import pytest
 from configs import position_probe as probe_config
 from droppos_jax import checkpoint, sharding
 from droppos_jax.evaluators import position_probe
-from droppos_jax.models import convert
+from droppos_jax.models import classifier, convert
 from droppos_jax.models import droppos as droppos_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,3 +156,17 @@ def test_command(tiny_run, position_coded_images, tmp_path):
   assert 0. <= results['results']['acc'] <= 1.
   assert results['config']['init'] == tiny_run[0]
   assert (tmp_path / 'position_accuracy.png').is_file()
+
+
+def test_load_fine_tuned_classifier_uses_fc_norm(tmp_path):
+  model = classifier.classifier_from_variant('mu/8', num_classes=5)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  state = convert.flax_to_torch(params, kind='classifier', grid_hw=(4, 4))
+  assert 'head.weight' in state and 'norm.weight' not in state
+  convert.save_torch_state_dict(state, tmp_path / 'finetuned.npz')
+  frozen = position_probe.load_encoder(str(tmp_path / 'finetuned.npz'))
+  assert frozen.image_hw == (32, 32)
+  np.testing.assert_array_equal(frozen.params['norm']['scale'],
+                                params['fc_norm']['scale'])
+  np.testing.assert_array_equal(frozen.params['blocks_0']['attn']['qkv']['kernel'],
+                                params['encoder']['blocks_0']['attn']['qkv']['kernel'])

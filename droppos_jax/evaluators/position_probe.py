@@ -55,6 +55,19 @@ def _encoder_from_arch(cfg, num_heads):
                                heads, cfg['patch_size'])
 
 
+def _fine_tuned_encoder(params: dict, name: str) -> dict:
+  """Encoder params of a converted fine-tuned classifier. MAE-style files
+  have no final norm: their fc_norm, the LayerNorm right before the head,
+  normalises the probed tokens instead (timm-style files keep `norm`)."""
+  encoder = dict(params['encoder'])
+  if 'norm' not in encoder:
+    if 'fc_norm' not in params:
+      raise ValueError(f'{name} has a head but neither norm nor fc_norm; '
+                       'cannot probe its tokens.')
+    encoder['norm'] = params['fc_norm']
+  return encoder
+
+
 def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
                  num_heads: Optional[int] = None) -> FrozenEncoder:
   """The encoder named by `init`.
@@ -62,8 +75,9 @@ def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
   'random': a fresh `variant` initialised from key(seed);
   a directory: a DropPos pre-training workdir (checkpoint.load_pretrained);
   a .pth/.pt/.bin/.safetensors/.npz file: a PyTorch DropPos/MAE/timm ViT
-  (convert.torch_to_flax, kind 'encoder'); a .msgpack file: Flax params
-  written by convert_checkpoint.py (kind 'encoder' or 'droppos').
+  (convert.torch_to_flax, kind 'encoder'), or a fine-tuned one (with a
+  head; see _fine_tuned_encoder); a .msgpack file: Flax params written by
+  convert_checkpoint.py (kind 'encoder' or 'droppos').
   """
   if init == 'random':
     encoder = vit.vit_from_variant(variant)
@@ -93,8 +107,12 @@ def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
     params = params['encoder'] if kind == 'droppos' else params
   elif init.lower().endswith(TORCH_SUFFIXES):
     state = convert.load_torch_state_dict(init)
-    params, report = convert.torch_to_flax(state, kind='encoder',
-                                           num_heads=num_heads)
+    fine_tuned = 'head.weight' in state
+    params, report = convert.torch_to_flax(
+        state, kind='classifier' if fine_tuned else 'encoder',
+        num_heads=num_heads)
+    if fine_tuned:
+      params = _fine_tuned_encoder(params, name)
     cfg, token = report.config, state.get('mask_pos_token')
   else:
     raise ValueError(f'Unknown checkpoint format {name!r}: expected a '
