@@ -248,6 +248,8 @@ def save_heatmap(per_position: np.ndarray, path: str, title: str) -> str:
   ax.set_title(title, fontsize=9)
   ax.set_xlabel('column')
   ax.set_ylabel('row')
+  ax.set_xticks(range(per_position.shape[1]))
+  ax.set_yticks(range(per_position.shape[0]))
   fig.savefig(path)
   return path
 
