@@ -78,11 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                      mesh=mesh)
 
   is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-  logging.info('Config:\n%s', config)
+  launch.save_config(config, workdir)
   logging.info('%d steps (%d/epoch, %d warm-up), peak lr %.3g, grid %s, '
                'mesh %s, sharding %s.', total_steps, steps_per_epoch,
                warmup_steps, peak_lr, obj_cfg.grid, dict(mesh.shape),

@@ -3,6 +3,7 @@ from configs, epochs -> steps, quiet Orbax logs, and clean error exits."""
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import signal
 import sys
 from typing import Any, Callable
@@ -45,6 +46,16 @@ def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
   total = (config.num_train_steps if config.num_train_steps > 0
            else int(config.epochs * steps_per_epoch))
   return steps_per_epoch, total, int(config.warmup_epochs * steps_per_epoch)
+
+
+def save_config(config, workdir: str) -> None:
+  """Logs the resolved config and writes it to workdir/config.json (main
+  process only)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info('Config:\n%s', config)
 
 
 class _QuietOrbax(std_logging.Filter):
