@@ -22,9 +22,6 @@ from droppos_jax.evaluators import online
 from droppos_jax.losses import make_sigma_schedule
 from droppos_jax.models import droppos as droppos_model
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
 def objective_config(config) -> pretrain.ObjectiveConfig:
   obj = config.objective
   hw = launch.image_hw(config)
@@ -37,13 +34,7 @@ def objective_config(config) -> pretrain.ObjectiveConfig:
 
 
 def build_model(config) -> droppos_model.DropPos:
-  m = config.model
-  if m.dtype not in DTYPES:
-    raise ValueError(f'model.dtype={m.dtype!r}; valid: {sorted(DTYPES)}.')
-  return droppos_model.droppos_from_config(
-      m.variant, m.projector, dtype=DTYPES[m.dtype], remat=m.remat,
-      width=m.projector_width, depth=m.projector_depth,
-      num_heads=m.projector_heads)
+  return droppos_model.droppos_from_model_config(config.model)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

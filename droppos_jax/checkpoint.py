@@ -71,9 +71,6 @@ class Checkpoints:
           '--workdir.')
     return self.restore(step, abstract_state)
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     # The start-up removal of half-written saves runs in a thread that only
     # a save awaits; a run that stops before saving must await it too, or it

@@ -17,7 +17,6 @@ from droppos_jax.models import classifier, convert, vit
 
 PROTOCOLS = ('finetune', 'linear_probe')
 INIT_KINDS = ('auto', 'pretrain', 'encoder', 'classifier')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def build_model(config, num_classes: int):
@@ -25,17 +24,16 @@ def build_model(config, num_classes: int):
   m = config.model
   if config.protocol not in PROTOCOLS:
     raise ValueError(f'protocol={config.protocol!r}; valid: {PROTOCOLS}.')
-  if m.dtype not in DTYPES:
-    raise ValueError(f'model.dtype={m.dtype!r}; valid: {sorted(DTYPES)}.')
+  dtype = vit.compute_dtype(m.dtype)
   if config.protocol == 'linear_probe':
     return classifier.linear_probe_from_variant(
-        m.variant, num_classes, feature=m.feature, dtype=DTYPES[m.dtype])
+        m.variant, num_classes, feature=m.feature, dtype=dtype)
   if not 0 <= m.drop_path_rate < 1:
     raise ValueError(f'model.drop_path_rate={m.drop_path_rate} must be in '
                      '[0, 1).')
   return classifier.classifier_from_variant(
       m.variant, num_classes, drop_path_rate=m.drop_path_rate,
-      dtype=DTYPES[m.dtype], remat=m.remat)
+      dtype=dtype, remat=m.remat)
 
 
 # --------------------------------------------------------------- optimizer ---

@@ -35,10 +35,9 @@ def load_droppos(path: str):
   config.json when present, else the paper's defaults.
   """
   params, meta = checkpoint.load_pretrained(path)
-  m = meta['model']
-  model = droppos_model.droppos_from_config(
-      m['variant'], m['projector'], width=m.get('projector_width'),
-      depth=m.get('projector_depth'), num_heads=m.get('projector_heads'))
+  # Pictures need no speed: float32 whatever the run computed in.
+  model = droppos_model.droppos_from_model_config(
+      dict(meta['model'], dtype='float32', remat=False))
   objective = {'mask_ratio': 0.75, 'pos_drop_ratio': 0.75, 'tau': 0.1}
   config_file = os.path.join(path, 'config.json')
   if os.path.isfile(config_file):

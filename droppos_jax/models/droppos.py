@@ -72,6 +72,14 @@ class DropPos(nn.Module):
     return out['cls'].astype(jnp.float32), out['patches'].astype(jnp.float32)
 
 
+def droppos_from_model_config(m: Any) -> DropPos:
+  """From a config's `model` block, or the copy a checkpoint's meta keeps."""
+  return droppos_from_config(
+      m['variant'], m['projector'], dtype=vit.compute_dtype(m['dtype']),
+      remat=m['remat'], width=m['projector_width'],
+      depth=m['projector_depth'], num_heads=m['projector_heads'])
+
+
 def droppos_from_config(variant: str, projector: str = 'default', *,
                         dtype: Any = jnp.float32, remat: bool = False,
                         **projector_overrides: Any) -> DropPos:

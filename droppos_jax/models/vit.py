@@ -30,6 +30,16 @@ VARIANTS = {
 }
 
 
+# Compute dtypes by config name; parameters always stay float32.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  if name not in DTYPES:
+    raise ValueError(f'model.dtype={name!r}; valid: {sorted(DTYPES)}.')
+  return DTYPES[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTSize:
   width: int
