@@ -7,7 +7,7 @@ ViT 'nano/8' (width 64, depth 4) on 32x32 crops: a 4x4 grid, so chance
 position accuracy is 1/16 = 6.25 %. On 2 CPU cores it runs in about 5 minutes;
 see the README for the accuracy it reaches.
 """
-from configs import common
+from droppos_jax.configs import common
 
 
 def get_config(arg=None):

@@ -29,7 +29,7 @@ converted .msgpack (`init.kind` 'auto' tells them apart); '' = random init.
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common
+from droppos_jax.configs import common
 
 VALID_ARGS = ('variant', 'demo', 'runlocal')
 

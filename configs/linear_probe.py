@@ -21,8 +21,8 @@ flip only (no RandAugment, erasing, mixup or label smoothing).
 """
 import ml_collections
 
-from configs import common
-from configs import finetune as finetune_config
+from droppos_jax.configs import common
+from droppos_jax.configs import finetune as finetune_config
 
 
 def get_config(arg=None):

@@ -23,7 +23,7 @@ with num_train_images/num_eval_images to bound the cost.
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common
+from droppos_jax.configs import common
 
 
 def get_config(arg=None):

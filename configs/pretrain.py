@@ -17,7 +17,7 @@ Data: TFDS 'imagenet2012' prepared by the user (manual download), read from
 `data.data_dir`; use `--config.data.source=folder --config.data.path=…` for a
 folder of images instead.
 """
-from configs import common
+from droppos_jax.configs import common
 
 VALID_ARGS = ('variant', 'epochs', 'runlocal')
 

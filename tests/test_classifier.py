@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import finetune as finetune_config
-from droppos_jax import finetune
+from droppos_jax.configs import finetune as finetune_config
+from droppos_jax import classification as finetune
 from droppos_jax.models import classifier, convert, vit
 
 HW = (16, 24)  # non-square: grid 2 x 3 with patch 8

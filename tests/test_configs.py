@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-import train
-from configs import pretrain as pretrain_config
+from droppos_jax import train
+from droppos_jax.configs import pretrain as pretrain_config
 from droppos_jax import launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

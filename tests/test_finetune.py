@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import finetune
-import train
-from configs import finetune as finetune_config
-from configs import linear_probe as probe_config
-from configs import pretrain as pretrain_config
+from droppos_jax import finetune
+from droppos_jax import train
+from droppos_jax.configs import finetune as finetune_config
+from droppos_jax.configs import linear_probe as probe_config
+from droppos_jax.configs import pretrain as pretrain_config
 from droppos_jax import augment, checkpoint, finetune_data
-from droppos_jax import finetune as ft_lib
+from droppos_jax import classification as ft_lib
 from droppos_jax.models import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

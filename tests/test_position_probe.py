@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import position_probe as probe_config
+from droppos_jax.configs import position_probe as probe_config
 from droppos_jax import checkpoint, sharding
 from droppos_jax.evaluators import position_probe
 from droppos_jax.models import classifier, convert

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-import train
-from configs import pretrain as pretrain_config
+from droppos_jax import train
+from droppos_jax.configs import pretrain as pretrain_config
 from droppos_jax import demo_data, input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

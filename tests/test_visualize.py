@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from droppos_jax import checkpoint, visualize
+from droppos_jax import checkpoint
+from droppos_jax import pictures as visualize
 from droppos_jax.models import droppos as droppos_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,298 @@
+"""Fine-tuning and linear probing (spec §7): models, optimizers with layer-wise
+lr decay, mixup/cutmix, initial weights, and the jit-able train/eval steps."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from droppos_jax import checkpoint
+from droppos_jax.models import classifier, convert, vit
+
+PROTOCOLS = ('finetune', 'linear_probe')
+INIT_KINDS = ('auto', 'pretrain', 'encoder', 'classifier')
+
+
+def build_model(config, num_classes: int):
+  """ViTClassifier (fine-tune) or LinearProbe, from `config.model`."""
+  m = config.model
+  if config.protocol not in PROTOCOLS:
+    raise ValueError(f'protocol={config.protocol!r}; valid: {PROTOCOLS}.')
+  dtype = vit.compute_dtype(m.dtype)
+  if config.protocol == 'linear_probe':
+    return classifier.linear_probe_from_variant(
+        m.variant, num_classes, feature=m.feature, dtype=dtype)
+  if not 0 <= m.drop_path_rate < 1:
+    raise ValueError(f'model.drop_path_rate={m.drop_path_rate} must be in '
+                     '[0, 1).')
+  return classifier.classifier_from_variant(
+      m.variant, num_classes, drop_path_rate=m.drop_path_rate,
+      dtype=dtype, remat=m.remat)
+
+
+# --------------------------------------------------------------- optimizer ---
+
+def layer_id(path: tuple[str, ...], depth: int) -> int:
+  """MAE's get_layer_id_for_vit: embeddings 0, block k -> k + 1, the rest
+  (fc_norm, head, final norm) depth + 1."""
+  if path[0] == 'encoder' and len(path) > 1:
+    if path[1] in ('patch_embed', 'cls_token'):
+      return 0
+    match = re.fullmatch(r'blocks_(\d+)', path[1])
+    if match:
+      return int(match.group(1)) + 1
+  return depth + 1
+
+
+def layer_scales(params: Any, depth: int, decay: float) -> Any:
+  """lr multiplier per leaf: decay ** (depth + 1 - layer_id)."""
+  def scale(path, _):
+    keys = tuple(str(getattr(k, 'key', k)) for k in path)
+    return decay ** (depth + 1 - layer_id(keys, depth))
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its constant in `scales` (same tree)."""
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def finetune_decay_mask(params: Any) -> Any:
+  """Weight decay on >1-D tensors except cls_token (MAE's no_weight_decay)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.ndim > 1 and 'cls_token' not in jax.tree_util.keystr(path),
+      params)
+
+
+def make_optimizer(config, lr_fn: optax.Schedule, params: Any
+                   ) -> optax.GradientTransformation:
+  """Fine-tune: AdamW with layer-wise lr decay (scaling AdamW's whole update,
+  decay included, is exactly a per-group lr). Linear probe: LARS on the head
+  only (biases neither decayed nor trust-ratio scaled, as MAE's LARS), the
+  encoder gets no update and no optimizer state."""
+  o = config.optim
+  if config.protocol == 'finetune':
+    if not 0 < o.layer_decay <= 1:
+      raise ValueError(f'optim.layer_decay={o.layer_decay} must be in (0, 1].')
+    depth = vit.decode_variant(config.model.variant).depth
+    return optax.chain(
+        optax.adamw(lr_fn, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                    mask=finetune_decay_mask),
+        scale_by_tree(layer_scales(params, depth, o.layer_decay)))
+  matrices = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+  lars = optax.lars(lr_fn, weight_decay=o.weight_decay,
+                    weight_decay_mask=matrices, trust_ratio_mask=matrices,
+                    momentum=o.momentum)
+  labels = {k: 'head' if k == 'head' else 'frozen' for k in params}
+  return optax.multi_transform({'head': lars, 'frozen': optax.set_to_zero()},
+                               labels)
+
+
+# ---------------------------------------------------------- mixup / cutmix ---
+
+def smooth_one_hot(labels, num_classes: int, smoothing: float):
+  """timm's targets: off = smoothing / K, on = 1 - smoothing + off."""
+  off = smoothing / num_classes
+  return jax.nn.one_hot(labels, num_classes) * (1. - smoothing) + off
+
+
+def mix_batch(key, images, labels, num_classes: int, cfg):
+  """timm Mixup (mode 'batch') on device: (images, soft targets, lam).
+
+  With probability cfg.prob the batch is mixed with its reverse: cutmix (box
+  of side sqrt(1 - lam) at a uniform centre, lam then set to the unboxed
+  area) with probability switch_prob, else mixup; lam ~ Beta(alpha, alpha).
+  Targets mix the smoothed one-hots of the two images by lam.
+  """
+  targets = smooth_one_hot(labels, num_classes, cfg.label_smoothing)
+  if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
+    return images, targets, jnp.ones(())
+  k_switch, k_mixup, k_cutmix, k_apply, k_y, k_x = jax.random.split(key, 6)
+  if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
+    use_cutmix = jax.random.uniform(k_switch) < cfg.switch_prob
+  else:
+    use_cutmix = jnp.asarray(cfg.cutmix_alpha > 0)
+  beta = lambda k, a: jax.random.beta(k, a, a) if a > 0 else jnp.ones(())
+  lam_mixup = beta(k_mixup, cfg.mixup_alpha)
+  h, w = images.shape[1:3]
+  ratio = jnp.sqrt(1. - beta(k_cutmix, cfg.cutmix_alpha))
+  cut_h, cut_w = (jnp.floor(h * ratio).astype(jnp.int32),
+                  jnp.floor(w * ratio).astype(jnp.int32))
+  cy, cx = jax.random.randint(k_y, (), 0, h), jax.random.randint(k_x, (), 0, w)
+  y0, y1 = jnp.clip(cy - cut_h // 2, 0, h), jnp.clip(cy + cut_h // 2, 0, h)
+  x0, x1 = jnp.clip(cx - cut_w // 2, 0, w), jnp.clip(cx + cut_w // 2, 0, w)
+  rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+  box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+  lam_cutmix = 1. - ((y1 - y0) * (x1 - x0)) / (h * w)
+  flipped = images[::-1]
+  mixed = jnp.where(use_cutmix,
+                    jnp.where(box[None, :, :, None], flipped, images),
+                    lam_mixup * images + (1. - lam_mixup) * flipped)
+  apply = jax.random.uniform(k_apply) < cfg.prob
+  lam = jnp.where(apply, jnp.where(use_cutmix, lam_cutmix, lam_mixup), 1.)
+  images = jnp.where(apply, mixed.astype(images.dtype), images)
+  return images, lam * targets + (1. - lam) * targets[::-1], lam
+
+
+# ------------------------------------------------------------------- steps ---
+
+def _variables(state):
+  extra = {'batch_stats': state['batch_stats']} if 'batch_stats' in state else {}
+  return {'params': state['params'], **extra}
+
+
+def make_train_step(model, tx, *, num_classes: int, mix_cfg, lr_fn: Callable,
+                    seed: int):
+  """Returns `train_step(state, batch) -> (state, metrics)`, ready for jit.
+
+  `state` is {'step', 'params', 'opt_state'} (+ 'batch_stats' for the
+  probe). Mixing and drop-path keys come from fold_in(key(seed), step).
+  """
+
+  def train_step(state, batch):
+    step = state['step']
+    mix_key, drop_key = jax.random.split(
+        jax.random.fold_in(jax.random.key(seed), step))
+    images, targets, lam = mix_batch(mix_key, batch['image'], batch['label'],
+                                     num_classes, mix_cfg)
+
+    def loss_fn(params):
+      variables = dict(_variables(state), params=params)
+      logits, updates = model.apply(
+          variables, images, train=True, rngs={'dropout': drop_key},
+          mutable=['batch_stats'] if 'batch_stats' in state else [])
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+      return loss, updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'])
+    param_updates, opt_state = tx.update(grads, state['opt_state'],
+                                         state['params'])
+    params = optax.apply_updates(state['params'], param_updates)
+    new_state = dict(state, step=step + 1, params=params, opt_state=opt_state,
+                     **updates)
+    metrics = {'loss': loss, 'lr': lr_fn(step), 'lam': lam,
+               'grad_norm': optax.tree.norm(grads),
+               'param_norm': optax.tree.norm(params)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, num_classes: int):
+  """Returns `eval_step(state, batch) -> sums` of correct top-1/top-5, loss
+  and count over the real (mask 1) examples of a padded batch."""
+  k = min(5, num_classes)
+
+  def eval_step(state, batch):
+    logits = model.apply(_variables(state), batch['image'], train=False)
+    mask, labels = batch['mask'], batch['label']
+    hits = jax.lax.top_k(logits, k)[1] == labels[:, None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {'correct1': (hits[:, 0] * mask).sum(),
+            'correct5': (hits.any(axis=-1) * mask).sum(),
+            'loss_sum': (ce * mask).sum(), 'count': mask.sum()}
+
+  return eval_step
+
+
+# ----------------------------------------------------------- initial weights ---
+
+def _read_init(path: str, kind: str):
+  """(kind, params tree of that kind, pre-training image size or grid info)."""
+  if kind not in INIT_KINDS:
+    raise ValueError(f'init.kind={kind!r}; valid: {INIT_KINDS}.')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'init.path {path!r} does not exist.')
+  if os.path.isdir(path):
+    if kind not in ('auto', 'pretrain'):
+      raise ValueError(f'init.path {path!r} is a directory (a pre-training '
+                       f"workdir), so init.kind must be 'auto' or 'pretrain', "
+                       f'not {kind!r}.')
+    params, meta = checkpoint.load_pretrained(path)
+    logging.info('Initialising from pre-training checkpoint %s (step %s).',
+                 path, meta.get('step'))
+    return 'droppos', params, {'image_hw': meta.get('image_hw')}
+  if kind == 'pretrain':
+    raise ValueError(f"init.kind='pretrain' needs a pre-training workdir; "
+                     f'{path!r} is a file.')
+  if path.endswith('.msgpack'):
+    params, meta = convert.load_flax_params(path)
+    meta = meta or {}
+    kind = meta.get('kind', kind)
+    if kind == 'auto':
+      raise ValueError(f'{path} has no .json sidecar naming its kind; set '
+                       "init.kind to 'encoder' or 'classifier'.")
+    config = meta.get('config') or {}
+    if config.get('pos_embed') == 'learned':
+      raise ValueError(_LEARNED_PE.format(path=path))
+    return kind, params, {'grid': config.get('grid')}
+  state = convert.load_torch_state_dict(path)
+  if kind == 'auto':
+    kind = 'classifier' if 'head.weight' in state else 'encoder'
+  params, report = convert.torch_to_flax(state, kind=kind)
+  logging.info('Converted %s:\n%s', path, report)
+  if report.config['pos_embed'] == 'learned':
+    raise ValueError(_LEARNED_PE.format(path=path))
+  return kind, params, {'grid': report.config.get('grid')}
+
+
+_LEARNED_PE = (
+    '{path} has a LEARNED pos_embed, but this ViT uses the fixed 2-D sin-cos '
+    'table: its features would not be the ones it was trained with. Only '
+    'checkpoints with sin-cos PE (DropPos, MAE) can initialise this model.')
+
+
+def load_init(init_cfg, protocol: str, abstract_params: Any,
+              image_hw: tuple[int, int], patch_size: int) -> dict[str, Any]:
+  """Subtrees of the model's params read from `init_cfg.path`, checked.
+
+  Returns {'encoder': ...} (and 'fc_norm'/'head' from a fine-tuned file whose
+  head fits). The encoder must match the model exactly; otherwise a
+  ValueError names every mismatched key.
+  """
+  path = init_cfg.path
+  kind, tree, source = _read_init(path, init_cfg.kind)
+  encoder = dict(tree if kind == 'encoder' else tree['encoder'])
+  want = abstract_params['encoder']
+  if 'norm' in encoder and 'norm' not in want:
+    del encoder['norm']
+    logging.info('Dropped the final norm of %s: global pooling uses fc_norm '
+                 'instead (as MAE).', path)
+  if 'norm' in want and 'norm' not in encoder:
+    raise ValueError(
+        f'{path} has no final encoder norm (a fine-tuned global-pool model?); '
+        'the linear probe reads features after that norm. Probe a '
+        'pre-training checkpoint instead.')
+  try:
+    convert.check_compatible(encoder, want)
+  except ValueError as e:
+    raise ValueError(f'init.path {path} does not fit this model (another '
+                     f'width, depth or patch size?): {e}') from None
+  pretrained_hw = source.get('image_hw') or (
+      [g * patch_size for g in source['grid']] if source.get('grid') else None)
+  if pretrained_hw and tuple(pretrained_hw) != tuple(image_hw):
+    logging.info('Pre-trained at %s px, now %s px: the fixed sin-cos PE is '
+                 'recomputed for the new grid, nothing to resample.',
+                 'x'.join(map(str, pretrained_hw)), 'x'.join(map(str, image_hw)))
+  out = {'encoder': encoder}
+  if kind == 'classifier' and protocol == 'finetune':
+    heads = {k: tree[k] for k in ('fc_norm', 'head') if k in tree}
+    try:
+      convert.check_compatible(heads, {k: abstract_params[k] for k in heads})
+      out.update(heads)
+    except ValueError as e:
+      logging.warning('Not loading the head of %s (re-initialised): %s', path, e)
+  return jax.tree.map(np.asarray, out)  # host arrays: jit places them
+
+
+# ----------------------------------------------------------------- logging ---
