@@ -11,30 +11,59 @@ import json
 import os
 from typing import Any, Optional
 
+from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from droppos_jax.errors import UserError
+
+
+def absolute(path: str | epath.Path) -> epath.Path:
+  """Orbax needs absolute paths: local ones are made absolute, gs:// kept."""
+  path = epath.Path(path)
+  return path if '://' in str(path) else path.absolute()
+
 
 class Checkpoints:
-  """Async save every N steps, keep the last `max_to_keep`, restore onto any
-  mesh by passing an abstract state whose leaves carry the target shardings."""
+  """Orbax CheckpointManager of a run: async saves, keep the last
+  `max_to_keep`, restore onto any mesh (pass an abstract state whose leaves
+  carry the target shardings).
 
-  def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+  When to save is Orbax's own policy: every `save_every` steps, at
+  `last_step`, and at JAX's preemption sync point (a notice that reached any
+  host makes every host save the same step).
+  """
+
+  def __init__(self, directory: str | epath.Path, *, max_to_keep: int,
+               save_every: int, last_step: int, async_save: bool = True):
     if max_to_keep < 1:
-      raise ValueError(f'keep_ckpts={max_to_keep} must be >= 1.')
-    if '://' not in directory:  # Orbax needs absolute local paths.
-      directory = os.path.abspath(directory)
+      raise UserError(f'keep_ckpts={max_to_keep} must be >= 1.')
+    policies = ocp.checkpoint_managers
+    self.directory = absolute(directory)
     self._manager = ocp.CheckpointManager(
-        directory,
+        self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save))
+            enable_async_checkpointing=async_save,
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(save_every),
+                policies.SpecificStepsPolicy((last_step,)),
+                policies.PreemptionCheckpointingPolicy()])))
+
+  def all_steps(self) -> list[int]:
+    """Complete (finalized) steps, oldest first."""
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host at the same step once any host got a notice."""
+    return self._manager.reached_preemption(step)
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     self._manager.save(step, args=ocp.args.Composite(
@@ -47,29 +76,13 @@ class Checkpoints:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores `step` into the shapes/shardings of `abstract_state`."""
-    try:
-      out = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(
-          f'Checkpoint step {step} in {self._manager.directory} does not match '
-          f'the model being trained (another variant, patch size or image '
-          f'size?): {e}') from e
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        meta=ocp.args.JsonRestore()))
     return out['state'], out['meta']
 
-  def restore_run(self, step: int, abstract_state: Any,
-                  model_id: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Resumes a run: like `restore`, after checking that the checkpoint was
-    saved for the same model (`model_id`, JSON-able, stored in its meta)."""
-    meta = self.restore_meta(step)
-    saved = {key: meta.get(key) for key in model_id}
-    if json.loads(json.dumps(model_id)) != saved:
-      raise ValueError(
-          f'{self._manager.directory} holds a checkpoint of another model '
-          f'({saved}) than the config asks for ({model_id}); use a new '
-          '--workdir.')
-    return self.restore(step, abstract_state)
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
 
   def close(self) -> None:
     # The start-up removal of half-written saves runs in a thread that only
@@ -79,13 +92,26 @@ class Checkpoints:
     self._manager.wait_until_finished()
     self._manager.close()
 
-  def __enter__(self) -> 'Checkpoints':
-    return self
 
-  def __exit__(self, *exc_info) -> None:
-    # Also on errors: a background save thread left open prints a traceback
-    # at interpreter exit, burying the real message.
-    self.close()
+def newest_readable(steps, restore, *, where: str):
+  """(step, restore(step)) for the first of `steps` (newest first) that reads.
+
+  An unreadable step (corrupt, truncated, missing files) is skipped with a
+  warning naming it and why; a UserError (e.g. another model) is final.
+  None readable: a UserError listing each step's reason.
+  """
+  reasons = []
+  for step in steps:
+    try:
+      return step, restore(step)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:200]}'
+      reasons.append(f'step {step}: {reason}')
+      logging.warning('Checkpoint step %d in %s is unreadable (%s); trying an '
+                      'older one.', step, where, reason)
+  raise UserError(f'No readable checkpoint in {where} ({"; ".join(reasons)}).')
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

@@ -1,61 +1,244 @@
-"""Plumbing shared by the entry points (train.py, finetune.py): flags, sizes
-from configs, epochs -> steps, quiet Orbax logs, and clean error exits."""
+r"""One launcher for every command: the same flags, multi-host start-up and
+exit statuses.
+
+  python train.py --config configs/demo.py --workdir runs/demo
+  droppos-train --config demo --workdir runs/demo      # after `pip install .`
+
+Every command takes `--config` (a config file `path.py[:arg]`, or the name of
+a packaged config such as `demo`), `--config.<field>=<value>` overrides, its
+output location, and the multi-host flags:
+
+  --distributed=auto|yes|no   auto: start jax.distributed when a cluster is
+                              detected (coordinator address set, Cloud TPU pod,
+                              SLURM, Open MPI)
+  --coordinator_address=host:port   (or JAX_COORDINATOR_ADDRESS)
+  --num_processes=N                 (or JAX_NUM_PROCESSES)
+  --process_id=i                    (or JAX_PROCESS_ID)
+
+On Cloud TPU pods and under SLURM the three are detected; elsewhere give all
+three on every process.
+
+Exit statuses:
+  0    done (or the run was already complete)
+  1    a mistake in the input, printed as one line `error: ...`
+  75   stopped by a preemption notice (SIGTERM, or the pod's own) after every
+       host saved the same step: requeue and rerun the same command to resume
+       (EX_TEMPFAIL; e.g. SLURM `--requeue`, or a retry loop on status 75)
+  130  stopped by Ctrl-C (SIGINT) after saving; rerun to resume
+"""
 from __future__ import annotations
 
+import importlib.resources
+import importlib.util
 import logging as std_logging
 import os
-import signal
+import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
-from absl import flags, logging
+from absl import app, flags, logging
 import jax
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from droppos_jax import sharding
+from droppos_jax.errors import UserError
+
+EXIT_USER_ERROR = 1
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
+# How a run that stopped early reports it (the 'stopped' entry of its result).
+STOP_STATUSES = {'preempted': EXIT_PREEMPTED, 'interrupted': EXIT_INTERRUPTED}
+
+DISTRIBUTED_MODES = ('auto', 'yes', 'no')
+_ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
+        'num_processes': 'JAX_NUM_PROCESSES', 'process_id': 'JAX_PROCESS_ID'}
 
 
-def define_flags() -> None:
-  """--config, --workdir, --distributed. Defined by `run`, not at import, so
-  that several entry points can be imported in one (test) process."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:arg]).',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go; resumed.')
-  flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
-                    'jax.distributed.initialize(): auto = if a cluster '
-                    'launcher (TPU pod, SLURM, MPI, JAX_COORDINATOR_ADDRESS) '
-                    'is detected.')
+# ------------------------------------------------------------------ configs ---
+
+def packaged_configs() -> dict[str, str]:
+  """name -> file of the configs that ship with the package."""
+  root = importlib.resources.files('droppos_jax.configs')
+  return {f.name[:-3]: str(f) for f in root.iterdir()
+          if f.name.endswith('.py') and not f.name.startswith('_')
+          and f.name != 'common.py'}
 
 
-def image_hw(config) -> tuple[int, int]:
-  size = config.image_size
-  hw = (size, size) if isinstance(size, int) else tuple(size)
-  if len(hw) != 2 or min(hw) <= 0:
-    raise ValueError(f'image_size={size!r}; expected a positive int or '
-                     '(height, width).')
-  return hw
+def resolve_config(value: str) -> str:
+  """`path.py[:arg]` or `name[:arg]` -> an existing config file [:arg].
+
+  A path that does not exist here falls back to the packaged config of the
+  same name, so `--config configs/demo.py` works from any folder once the
+  package is installed.
+  """
+  path, sep, arg = value.partition(':')
+  if os.path.isfile(path):
+    return value
+  name = os.path.basename(path)
+  name = name[:-3] if name.endswith('.py') else name
+  packaged = packaged_configs()
+  if name in packaged:
+    return packaged[name] + sep + arg
+  raise UserError(f'--config {value!r}: no such file, and no packaged config '
+                  f'named {name!r}; packaged configs: {", ".join(sorted(packaged))}.')
 
 
-def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
-  """(steps_per_epoch, total_steps, warmup_steps) from epochs, in one place."""
-  steps_per_epoch = num_examples // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f'batch_size={config.batch_size} exceeds the {num_examples} '
-                     'training examples; lower it.')
-  total = (config.num_train_steps if config.num_train_steps > 0
-           else int(config.epochs * steps_per_epoch))
-  return steps_per_epoch, total, int(config.warmup_epochs * steps_per_epoch)
+def _resolve_config_argv(argv: Sequence[str]) -> list[str]:
+  out, it = [], iter(argv)
+  for a in it:
+    if a.startswith('--config='):
+      a = '--config=' + resolve_config(a[len('--config='):])
+    elif a == '--config':
+      out.append(a)
+      a = resolve_config(next(it, ''))
+    out.append(a)
+  return out
 
 
-def save_config(config, workdir: str) -> None:
-  """Logs the resolved config and writes it to workdir/config.json (main
-  process only)."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-  logging.info('Config:\n%s', config)
+def _load_config_file(value: str) -> Any:
+  """get_config(arg) of a config file `path.py[:arg]`, without overrides."""
+  path, _, arg = value.partition(':')
+  spec = importlib.util.spec_from_file_location('_config_for_help', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _unknown_field_message(name: str, key: str) -> str:
+  """Names the override that asked for field `key` and the valid fields."""
+  argv = _resolve_config_argv(sys.argv[1:])
+  override = next((a for a in argv if re.match(rf'--{name}\.(\S+\.)?{key}(=|$)', a)),
+                  f'--{name}.…{key}')
+  parent = override.split('=', 1)[0].split('.')[1:-1]
+  try:
+    config = _load_config_file(flags.FLAGS[name].config_filename)
+    for part in parent:
+      config = config[part]
+    valid = ', '.join(sorted(config.keys()))
+  except Exception:  # pylint: disable=broad-except
+    valid = 'see the config file'
+  where = '.'.join(parent) or name
+  return f'Unknown config field {key!r} in {override}; fields of {where}: {valid}.'
+
+
+def _read_config(name: str) -> Any:
+  """The parsed config flag; its lazy errors become one-line UserErrors."""
+  try:
+    return getattr(flags.FLAGS, name)
+  except AttributeError as e:  # An override of a field the config lacks.
+    key = re.search(r"'(\w+)'", str(e))
+    raise UserError(_unknown_field_message(name, key.group(1) if key else str(e))
+                    ) from None
+  except (OSError, ImportError, SyntaxError) as e:
+    raise UserError(f'Could not load --{name}: {str(e).splitlines()[0]}') from None
+
+
+# ------------------------------------------------------------- multi-host ---
+
+def cluster_environment() -> Optional[str]:
+  """Names the multi-process launcher visible in the environment, if any."""
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    return 'JAX_COORDINATOR_ADDRESS'
+  if ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+    return 'Cloud TPU pod (TPU_WORKER_HOSTNAMES)'
+  if int(env.get('SLURM_NTASKS', '1') or 1) > 1:
+    return 'SLURM'
+  if int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1:
+    return 'Open MPI'
+  return None
+
+
+def distributed_settings(mode: str, coordinator_address: Optional[str],
+                         num_processes: Optional[int],
+                         process_id: Optional[int]) -> Optional[dict]:
+  """Validated jax.distributed.initialize() arguments, or None for a
+  single-process run. Flags win over the environment; what neither gives is
+  left to JAX's cluster detection (TPU pods, SLURM, MPI)."""
+  if mode not in DISTRIBUTED_MODES:
+    raise UserError(f'--distributed={mode!r}; valid: {", ".join(DISTRIBUTED_MODES)}.')
+  given = {'coordinator_address': coordinator_address,
+           'num_processes': num_processes, 'process_id': process_id}
+  for key, var in _ENV.items():
+    if given[key] is None and os.environ.get(var):
+      given[key] = os.environ[var]
+  found = cluster_environment() or (
+      'flags' if any(v is not None for v in given.values()) else None)
+  if mode == 'no' or (mode == 'auto' and not found):
+    return None
+  address = given['coordinator_address']
+  if address is not None and not re.fullmatch(r'\[?[\w.:-]+\]?:\d{1,5}', address):
+    raise UserError(f'coordinator address {address!r} must be host:port, e.g. '
+                    '10.0.0.2:8476.')
+  if address is not None and not 0 < int(address.rsplit(':', 1)[1]) < 65536:
+    raise UserError(f'coordinator address {address!r}: the port must be in '
+                    '1..65535.')
+  for key in ('num_processes', 'process_id'):
+    value = given[key]
+    if value is None:
+      continue
+    try:
+      given[key] = int(value)
+    except ValueError:
+      raise UserError(f'{key}={value!r} ({_ENV[key]} or --{key}) must be an '
+                      'integer.') from None
+  n, i = given['num_processes'], given['process_id']
+  if n is not None and n < 1:
+    raise UserError(f'num_processes={n} must be >= 1.')
+  if i is not None and n is not None and not 0 <= i < n:
+    raise UserError(f'process_id={i} must be in [0, {n}) for num_processes={n}.')
+  detected = cluster_environment() not in (None, 'JAX_COORDINATOR_ADDRESS')
+  if not detected and None in (address, n, i):
+    missing = [f'--{k} (or {_ENV[k]})' for k, v in (
+        ('coordinator_address', address), ('num_processes', n),
+        ('process_id', i)) if v is None]
+    raise UserError(
+        f'Multi-host start-up needs {", ".join(missing)}: no TPU pod, SLURM or '
+        'MPI launcher was detected to supply them (--distributed=no runs a '
+        'single process).')
+  given['origin'] = found or 'requested by --distributed=yes'
+  return given
+
+
+def initialize_distributed(settings: Optional[dict]) -> None:
+  """Starts jax.distributed (if `settings`) and logs who is who."""
+  if settings is not None:
+    logging.info('Multi-host start-up: jax.distributed.initialize() (%s).',
+                 settings['origin'])
+    jax.distributed.initialize(
+        settings['coordinator_address'], settings['num_processes'],
+        settings['process_id'])
+  logging.info('Process %d/%d, %d local / %d global devices (%s).',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+
+
+# ------------------------------------------------------------------- flags ---
+
+def _define_flags(output: str, output_help: str, default_config: Optional[str],
+                  extra: Sequence[Callable[[], Any]]) -> list[str]:
+  """Defines the command's flags (once per process) and returns their names."""
+  if 'config' in flags.FLAGS:  # Tests import several commands in one process.
+    return []
+  config_flags.DEFINE_config_file(
+      'config', default_config,
+      'Config file path.py[:arg] or a packaged config name (e.g. demo); '
+      'override fields with --config.<field>=<value>.', lock_config=True)
+  flags.DEFINE_string(output, None, output_help)
+  flags.DEFINE_enum('distributed', 'auto', DISTRIBUTED_MODES,
+                    'jax.distributed start-up: auto = when a cluster launcher '
+                    'is detected or the flags below are given.')
+  flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of '
+                      'process 0 (or JAX_COORDINATOR_ADDRESS).')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes '
+                       '(or JAX_NUM_PROCESSES).')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0-based '
+                       '(or JAX_PROCESS_ID).')
+  names = ['config', output, 'distributed', 'coordinator_address',
+           'num_processes', 'process_id']
+  for define in extra:
+    names.append(define().name)
+  return names
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -65,40 +248,81 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
 
 
-def run(train_fn: Callable[[Any, str], Any]) -> None:
-  """absl main for `train_fn(config, workdir)`: bad input -> 'error: …' and
-  exit status 1, with no traceback."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  define_flags()
+def _exit_on_user_error(what: Callable[[], Any]) -> Any:
+  try:
+    return what()
+  except UserError as e:
+    sys.exit(f'error: {e}')
+
+
+def run(command: Callable[..., Any], *, output: str = 'workdir',
+        output_help: str = 'Folder for checkpoints and logs (local or gs://); '
+        'rerunning resumes it.',
+        default_config: Optional[str] = None,
+        extra_flags: Sequence[Callable[[], Any]] = ()) -> None:
+  """Runs `command(config, <output>, **extra flag values)` as the program.
+
+  A UserError anywhere becomes `error: <message>` and exit status 1; a run
+  that returns {'stopped': 'preempted'|'interrupted'} exits with 75 or 130.
+  """
+  names = _define_flags(output, output_help, default_config, extra_flags)
+  for name in names:  # So that --help lists them, one line each.
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(_resolve_config_argv(argv))
+    except UserError as e:
+      sys.exit(f'error: {e}')
+    except flags.Error as e:
+      sys.exit(f'error: {e}\nPass --help to see the flags.')
 
   def main(argv):
-    del argv
+    if len(argv) > 1:
+      sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like '
+               '--name=value (see --help).')
+    f = flags.FLAGS
     logging.get_absl_logger().addFilter(_QuietOrbax())
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if config is None or not workdir:
-      sys.exit('error: --config and --workdir are required.')
+    config = _exit_on_user_error(lambda: _read_config('config'))
+    if config is None or not f[output].value:
+      sys.exit(f'error: --config and --{output} are required (see --help).')
+    settings = _exit_on_user_error(lambda: distributed_settings(
+        f.distributed, f.coordinator_address, f.num_processes, f.process_id))
     jax.config.update('jax_threefry_partitionable', True)
-    sharding.maybe_initialize_distributed(flags.FLAGS.distributed)
+    initialize_distributed(settings)
+    kwargs = {name: f[name].value for name in names[6:]}
     try:
-      train_fn(config, workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+      result = command(config, f[output].value, **kwargs)
+    except UserError as e:
       sys.exit(f'error: {e}')
+    except KeyboardInterrupt:
+      print('error: interrupted (Ctrl-C) before training started; nothing '
+            'was saved.', file=sys.stderr)
+      sys.exit(EXIT_INTERRUPTED)
+    stopped = result.get('stopped') if isinstance(result, dict) else None
+    if stopped:
+      sys.exit(STOP_STATUSES[stopped])
 
-  app.run(main)
+  app.run(main, flags_parser=parse)
 
 
-class PreemptionWatch:
-  """Tells the training loop to save and stop: on SIGTERM (how a TPU VM is
-  preempted) or, across hosts, at JAX's preemption sync point."""
+# ------------------------------------------------------- config-derived sizes ---
 
-  def __init__(self):
-    self.signalled = False
-    signal.signal(signal.SIGTERM, self._on_sigterm)
+def image_hw(config) -> tuple[int, int]:
+  size = config.image_size
+  hw = (size, size) if isinstance(size, int) else tuple(size)
+  if len(hw) != 2 or min(hw) <= 0:
+    raise UserError(f'image_size={size!r}; expected a positive int or '
+                    '(height, width).')
+  return hw
 
-  def _on_sigterm(self, *_):
-    self.signalled = True
 
-  def should_stop(self, step: int) -> bool:
-    return self.signalled or (
-        jax.process_count() > 1 and
-        multihost_utils.reached_preemption_sync_point(step))
+def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
+  """(steps_per_epoch, total_steps, warmup_steps) from epochs, in one place."""
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise UserError(f'batch_size={config.batch_size} exceeds the {num_examples} '
+                    'training examples; lower it.')
+  total = (config.num_train_steps if config.num_train_steps > 0
+           else int(config.epochs * steps_per_epoch))
+  return steps_per_epoch, total, int(config.warmup_epochs * steps_per_epoch)
