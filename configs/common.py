@@ -1,20 +1,53 @@
-"""Defaults shared by every pre-training config; recipes override fields."""
+"""Defaults shared by the configs; recipes override fields.
+
+Configs import only this module (and ml_collections): nothing from the
+library, so loading one is cheap and never touches jax.
+"""
 import ml_collections
 from ml_collections import config_dict
 
-from droppos_jax.evaluators import online
+from droppos_jax.errors import UserError
+
+_TRUE, _FALSE = ('true', '1', 'yes'), ('false', '0', 'no')
 
 
-def parse_arg(arg, valid):
-  """'variant=B/16,epochs=800' -> dict; bare words are flags set to True."""
-  out = {}
+def _parse_bool(key, text):
+  if text.lower() in _TRUE:
+    return True
+  if text.lower() in _FALSE:
+    return False
+  raise UserError(f'Config arg {key}={text!r} is a boolean: use True or False.')
+
+
+def parse_arg(arg, **defaults):
+  """The `:arg` of `--config file.py:arg`, typed by its defaults.
+
+    args = parse_arg('variant=L/16,epochs=800,runlocal', variant='B/16',
+                     epochs=800, runlocal=False)
+    args.epochs  # 800, an int; args.runlocal  # True
+
+  As big_vision's parse_arg: each value takes the type of its default,
+  booleans are strict (True/False, 1/0, yes/no; a bare key means True) and
+  unknown keys are refused, naming the valid ones.
+  """
+  args = dict(defaults)
   for item in filter(None, (arg or '').split(',')):
-    key, _, value = item.partition('=')
-    if key not in valid:
-      raise ValueError(f'Unknown config arg {key!r} in {arg!r}; valid: '
-                       f'{valid}.')
-    out[key] = value if value else True
-  return out
+    key, sep, text = item.partition('=')
+    if key not in defaults:
+      raise UserError(f'Unknown config arg {key!r} in {arg!r}; valid: '
+                      f'{", ".join(defaults)}.')
+    kind = type(defaults[key])
+    if kind is bool:
+      args[key] = _parse_bool(key, text) if sep else True
+    elif not sep:
+      raise UserError(f'Config arg {key!r} needs a value: {key}=<{kind.__name__}>.')
+    else:
+      try:
+        args[key] = kind(text)
+      except ValueError:
+        raise UserError(f'Config arg {key}={text!r} must be a '
+                        f'{kind.__name__}.') from None
+  return ml_collections.ConfigDict(args)
 
 
 def data_config(source='tfds', name=None, data_dir=None, split='train',
@@ -49,10 +82,31 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       blr=1.5e-4, min_lr=0., b1=0.9, b2=0.95, weight_decay=0.05,
       clip='per_tensor', clip_norm=5.0))
-  c.sharding = 'dp'               # 'dp' (replicated state) or 'fsdp'
+  # Devices as (data, fsdp); -1 = the rest. fsdp > 1 splits the parameters
+  # and optimizer state (data=1, fsdp=-1: over every device of a slice).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.num_devices = -1              # -1: every device
   c.log_every = 50
   c.ckpt_every = 1000
   c.keep_ckpts = 3
-  c.eval = online.default_eval_config()   # k-NN + held-out position acc
+  c.profile_steps = (0, 0)        # (first, stop): jax.profiler trace of those steps
+  c.eval = eval_config()          # k-NN + held-out position acc
   return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """The online evaluator's block of a pre-training config (off unless
+  enabled): k-NN on labelled images and held-out position accuracy."""
+  return ml_collections.ConfigDict(dict(
+      enabled=False,
+      every_steps=500,
+      bank_data=data_config('demo', split='train'),   # labelled k-NN memory bank
+      query_data=data_config('demo', split='val'),    # queries, held-out positions
+      num_bank_examples=256,
+      num_query_examples=64,
+      batch_size=64,              # multiple of the devices
+      knn_k=20,
+      knn_temperature=0.07,       # DINO's weighted vote: exp(cos / T)
+      knn_feature='cls',          # 'cls' or 'gap' (mean of patch tokens)
+      seed=0,                     # held-out masks
+  ))

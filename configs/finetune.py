@@ -31,7 +31,7 @@ from ml_collections import config_dict
 
 from droppos_jax.configs import common
 
-VALID_ARGS = ('variant', 'demo', 'runlocal')
+ARGS = dict(variant='B/16', demo=False, runlocal=False)
 
 
 def data(split, source='tfds'):
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.epochs = 100
   c.warmup_epochs = 5
   c.num_train_steps = -1          # > 0 overrides epochs (smoke runs)
-  c.sharding = 'dp'               # 'dp' (replicated state) or 'fsdp'
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # see pretrain
   c.num_devices = -1              # -1: every device
   c.log_every = 50
   c.ckpt_every = 1000
@@ -91,8 +91,8 @@ def runlocal(c):
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, VALID_ARGS)
-  variant = args.get('variant', 'B/16')
+  args = common.parse_arg(arg, **ARGS)
+  variant = args.variant
   c = base_config()
   c.model = ml_collections.ConfigDict(dict(
       variant=variant, drop_path_rate=0.1, dtype='float32', remat=False))
@@ -100,12 +100,12 @@ def get_config(arg=None):
       blr=1e-3, min_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05,
       layer_decay=0.75))
   c.epochs = 50 if variant.startswith('L/') else 100
-  if args.get('demo'):
+  if args.demo:
     demo_data(c)
     c.model.variant = 'nano/8'
     c.batch_size = c.eval_batch_size = 64
     c.epochs = 30
     c.eval_every_epochs = 2
-  if args.get('runlocal'):
+  if args.runlocal:
     runlocal(c)
   return c

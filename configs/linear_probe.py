@@ -26,11 +26,11 @@ from droppos_jax.configs import finetune as finetune_config
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, finetune_config.VALID_ARGS)
+  args = common.parse_arg(arg, **finetune_config.ARGS)
   c = finetune_config.base_config()
   c.protocol = 'linear_probe'
   c.model = ml_collections.ConfigDict(dict(
-      variant=args.get('variant', 'B/16'), feature='cls', dtype='float32'))
+      variant=args.variant, feature='cls', dtype='float32'))
   c.optim = ml_collections.ConfigDict(dict(
       blr=0.1, min_lr=0., weight_decay=0., momentum=0.9))
   c.augment.randaugment_layers = 0
@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.batch_size = 16384
   c.epochs = 90
   c.warmup_epochs = 10
-  if args.get('demo'):
+  if args.demo:
     finetune_config.demo_data(c)
     c.model.variant = 'nano/8'
     c.batch_size = c.eval_batch_size = 64
@@ -49,6 +49,6 @@ def get_config(arg=None):
     c.epochs = 40
     c.warmup_epochs = 4
     c.eval_every_epochs = 4
-  if args.get('runlocal'):
+  if args.runlocal:
     finetune_config.runlocal(c)
   return c

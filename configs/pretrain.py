@@ -19,18 +19,14 @@ folder of images instead.
 """
 from droppos_jax.configs import common
 
-VALID_ARGS = ('variant', 'epochs', 'runlocal')
-
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, VALID_ARGS)
-  variant = args.get('variant', 'B/16')
-  epochs = int(args.get('epochs', 800))
+  args = common.parse_arg(arg, variant='B/16', epochs=800, runlocal=False)
   c = common.base_pretrain_config()
-  c.model.variant = variant
-  c.epochs = epochs
-  c.warmup_epochs = 40 if variant.startswith('L/') else 10
-  if args.get('runlocal'):
+  c.model.variant = args.variant
+  c.epochs = args.epochs
+  c.warmup_epochs = 40 if args.variant.startswith('L/') else 10
+  if args.runlocal:
     c.model.variant = 'mu/16'
     c.model.projector = 'tiny'
     c.batch_size = 16

@@ -3,13 +3,14 @@ data position, seed, sigma, model identity).
 
 Orbax writes each save to a temporary directory and renames it only once
 complete, so an interrupted save is never listed as a step; leftovers are
-removed at start-up (`cleanup_tmp_directories`).
+removed at start-up (`cleanup_tmp_directories`). Readers take only steps
+that carry Orbax's commit marker (`complete_steps`) and fall back past
+unreadable ones with a warning (`newest_readable`).
 """
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from absl import logging
 from etils import epath
@@ -17,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from droppos_jax.errors import UserError
+
+T = TypeVar('T')
 
 
 def absolute(path: str | epath.Path) -> epath.Path:
@@ -93,25 +96,74 @@ class Checkpoints:
     self._manager.close()
 
 
-def newest_readable(steps, restore, *, where: str):
+# Orbax writes this file last into a step folder; without it the save never
+# finished (killed mid-write, or a copy cut short). Orbax's own step listing
+# trusts any numbered folder on a local disk, so the readers check for it.
+COMMIT_MARKER = 'commit_success.txt'
+
+
+def complete_steps(directory: str | epath.Path) -> list[int]:
+  """Steps of an Orbax checkpoint folder whose save finished, newest first."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted((int(p.name) for p in directory.iterdir()
+                 if p.name.isdigit() and (p / COMMIT_MARKER).exists()),
+                reverse=True)
+
+
+def unfinished_steps(directory: str | epath.Path) -> list[int]:
+  """Numbered step folders without the commit marker, newest first."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted((int(p.name) for p in directory.iterdir()
+                 if p.name.isdigit() and p.is_dir()
+                 and not (p / COMMIT_MARKER).exists()), reverse=True)
+
+
+def unreadable_reason(error: BaseException) -> str:
+  """One short line saying why reading failed: the innermost cause (Orbax
+  wraps TensorStore's message in a bare Exception), without its spec dump."""
+  while error.__cause__ is not None or (
+      error.__context__ is not None and not error.__suppress_context__):
+    error = error.__cause__ or error.__context__
+  text = (str(error).strip().splitlines() or [''])[0]
+  text = text.split(' [tensorstore_spec=')[0]
+  if len(text) > 240:
+    text = text[:240] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def newest_readable(steps: Sequence[int], restore: Callable[[int], T], *,
+                    where: str) -> tuple[int, T]:
   """(step, restore(step)) for the first of `steps` (newest first) that reads.
 
-  An unreadable step (corrupt, truncated, missing files) is skipped with a
-  warning naming it and why; a UserError (e.g. another model) is final.
-  None readable: a UserError listing each step's reason.
+  `restore` raises a UserError for a final verdict (e.g. a checkpoint of
+  another model), which ends the search; any other exception means the step
+  is unreadable (truncated, zeroed or deleted data files, damaged metadata,
+  missing meta/ or keys): a warning names the step and why, and the next
+  one is tried. None readable: a UserError naming `where` and each reason.
   """
+  steps = list(steps)
+  if not steps:
+    raise UserError(f'No complete checkpoint in {where}.')
   reasons = []
-  for step in steps:
+  for i, step in enumerate(steps):
     try:
       return step, restore(step)
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      reason = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:200]}'
+      # Broad on purpose: Orbax reports damaged files as bare Exceptions,
+      # damaged metadata as JSON, Key or Attribute errors.
+      reason = unreadable_reason(e)
       reasons.append(f'step {step}: {reason}')
-      logging.warning('Checkpoint step %d in %s is unreadable (%s); trying an '
-                      'older one.', step, where, reason)
-  raise UserError(f'No readable checkpoint in {where} ({"; ".join(reasons)}).')
+      then = (f'trying step {steps[i + 1]}' if i + 1 < len(steps)
+              else 'no older step to try')
+      logging.warning('checkpoint step %d in %s is unreadable (%s); %s.',
+                      step, where, reason, then)
+  raise UserError(f'No readable checkpoint in {where}: {"; ".join(reasons)}.')
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
@@ -120,36 +172,29 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
       abstract_state, shardings)
 
 
-def resolve_step_dir(path: str) -> str:
-  """A pre-training workdir, its checkpoints/ folder or one step folder ->
-  the step folder to read (the latest complete one for folders)."""
-  for candidate in (path, os.path.join(path, 'checkpoints')):
-    if os.path.isdir(os.path.join(candidate, 'state')):
-      return candidate
-    if os.path.isdir(candidate):
-      steps = [int(d) for d in os.listdir(candidate) if d.isdigit() and
-               os.path.isdir(os.path.join(candidate, d, 'state'))]
-      if steps:
-        return os.path.join(candidate, str(max(steps)))
-  raise ValueError(f'No DropPos checkpoint found at {path!r}: expected a '
-                   'pre-training workdir, its checkpoints/ folder or a step '
-                   'folder containing state/.')
+def read_step(step_dir: str | epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+  """({'params'[, 'batch_stats']}, meta) of one step folder as host arrays.
 
-
-def load_pretrained(path: str) -> tuple[Any, dict[str, Any]]:
-  """(params, meta) of a pre-training checkpoint, on the default device.
-
-  Reads only what evaluation needs, whatever mesh the run used; `params` is
-  the DropPos tree ({'encoder', 'mask_pos_token', 'projector'}) and `meta`
-  holds the model config ('model', 'image_hw'), step and sigma.
+  Reads only what evaluation and export need (no optimizer state), whatever
+  mesh the run used. Damaged files raise what Orbax/TensorStore raise; see
+  `newest_readable`.
   """
-  step_dir = resolve_step_dir(path)
-  ckptr = ocp.StandardCheckpointer()
-  tree = ckptr.metadata(os.path.join(step_dir, 'state')).item_metadata
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  state = ckptr.restore(os.path.join(step_dir, 'state'), abstract)
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    meta = json.load(f)
-  return state['params'], meta
+  step_dir = absolute(step_dir)
+  meta = json.loads((step_dir / 'meta' / 'metadata').read_text())
+  if not isinstance(meta, dict):
+    raise ValueError(f'meta/metadata holds a {type(meta).__name__}, not a dict')
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    saved = handler.metadata(step_dir / 'state').tree
+    if 'params' not in saved:
+      raise ValueError(f'state has no params (it holds {sorted(saved)})')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {key: jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        saved[key]) for key in ('params', 'batch_stats') if key in saved}
+    tree = handler.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  finally:
+    handler.close()
+  return jax.device_get(tree), meta

@@ -241,6 +241,13 @@ def _define_flags(output: str, output_help: str, default_config: Optional[str],
   return names
 
 
+def allow_config_change_flag():
+  """--allow_config_change, for the trainers."""
+  return flags.DEFINE_bool(
+      'allow_config_change', False, 'Continue the run in --workdir although '
+      'the config differs in fields that change the run (listed when refused).')
+
+
 class _QuietOrbax(std_logging.Filter):
   """Orbax logs every save step at INFO; keep its warnings and errors only."""
 

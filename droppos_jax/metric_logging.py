@@ -1,18 +1,25 @@
 """Live view of a run: console progress line, TensorBoard events (clu) and a
-JSON-lines log in the workdir."""
+JSON-lines log in the workdir.
+
+The progress line shows step/total, epoch, the run's metrics, images/s,
+model TFLOP/s per device and MFU (where the chip's peak is known), the share
+of each step spent waiting for data, and an ETA. Throughput and ETA count
+training time only: the clock is paused for compilation and evaluation.
+"""
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Callable, Optional
 
 from absl import logging
 from clu import metric_writers
+from etils import epath
 import jax
 import numpy as np
 
+from droppos_jax.errors import UserError
 
 # (metric, console label, format) of the progress line.
 PRETRAIN_FIELDS = (('loss', 'loss', '.4f'), ('acc1', 'pos acc', '.1%'),
@@ -26,61 +33,91 @@ ONLINE_EVAL_FIELDS = (('knn_top1', 'k-NN top-1', '.1%'),
                       ('heldout_dist_err', 'held-out dist', '.2f'))
 
 
-def _eta(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return '?'
   seconds = int(seconds)
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+def brief(metrics: dict[str, float], fields) -> str:
+  """'loss 2.4119, pos acc 16.9%' for the `fields` present in `metrics`."""
+  return ', '.join(f'{label} {format(metrics[key], fmt)}'
+                   for key, label, fmt in fields if key in metrics
+                   ) or 'no metrics logged'
+
+
 class MetricLogger:
   """Averages per-step metrics over an interval and writes them out.
 
   Only the main process writes files; every process may call `add`/`flush`.
+  `flops_per_device` (compiled FLOPs of one step on one device) and
+  `peak_tflops` (the chip's) add TFLOP/s and MFU to the line.
   """
 
   def __init__(self, workdir: str, *, total_steps: int, steps_per_epoch: int,
                global_batch: int, is_main: bool = True, prefix: str = 'train',
-               fields=PRETRAIN_FIELDS):
+               fields=PRETRAIN_FIELDS, flops_per_device: Optional[float] = None,
+               peak_tflops: Optional[float] = None):
     self.fields = fields
     self.total_steps = total_steps
     self.steps_per_epoch = steps_per_epoch
     self.global_batch = global_batch
     self.prefix = prefix
     self.is_main = is_main
-    self._writer = (metric_writers.SummaryWriter(workdir) if is_main
+    self.flops_per_device = flops_per_device
+    self.peak_tflops = peak_tflops
+    self.last: dict[str, float] = {}
+    workdir = epath.Path(workdir)
+    self._writer = (metric_writers.SummaryWriter(str(workdir)) if is_main
                     else None)
-    self._jsonl = (open(os.path.join(workdir, f'{prefix}_metrics.jsonl'), 'a')
-                   if is_main else None)
+    self._jsonl = ((workdir / f'{prefix}_metrics.jsonl').open('a') if is_main
+                   else None)
     self._sums: dict[str, float] = {}
     self._count = 0
-    self._t0: Optional[float] = None
-    self._t0_step = 0
+    self._busy = 0.           # training seconds in the current interval
+    self._busy_steps = 0
+    self._running_since: Optional[float] = None
 
-  def start(self, step: int) -> None:
-    """Marks the time origin for throughput (call after the first compile)."""
-    self._t0, self._t0_step = time.perf_counter(), step
+  # The step clock: only time between resume() and pause() counts.
+  def resume(self) -> None:
+    if self._running_since is None:
+      self._running_since = time.perf_counter()
+
+  def pause(self) -> None:
+    if self._running_since is not None:
+      self._busy += time.perf_counter() - self._running_since
+      self._running_since = None
 
   def add(self, metrics: dict[str, float]) -> None:
     for k, v in metrics.items():
       self._sums[k] = self._sums.get(k, 0.) + float(v)
     self._count += 1
+    self._busy_steps += 1
 
   def flush(self, step: int) -> dict[str, float]:
     """Writes the interval's means at `step`; returns them."""
     if not self._count:
       return {}
     means = {k: v / self._count for k, v in self._sums.items()}
-    self._sums, self._count = {}, 0
-    now = time.perf_counter()
-    if self._t0 is not None and step > self._t0_step:
-      sec_per_step = (now - self._t0) / (step - self._t0_step)
+    running = self._running_since is not None
+    self.pause()
+    eta = float('nan')
+    if self._busy > 0 and self._busy_steps:
+      sec_per_step = self._busy / self._busy_steps
       means['images_per_sec'] = self.global_batch / sec_per_step
       eta = (self.total_steps - step) * sec_per_step
-      self._t0, self._t0_step = now, step
-    else:
-      eta = float('nan')
+      if 'data_wait' in means:
+        means['data_wait_frac'] = means.pop('data_wait') / sec_per_step
+      if self.flops_per_device:
+        means['tflops_per_device'] = self.flops_per_device / sec_per_step / 1e12
+        if self.peak_tflops:
+          means['mfu'] = means['tflops_per_device'] / self.peak_tflops
+    self._sums, self._count, self._busy, self._busy_steps = {}, 0, 0., 0
+    if running:
+      self.resume()
     means['epoch'] = step / self.steps_per_epoch
+    self.last = means
     if self.is_main:
       self._writer.write_scalars(step, {f'{self.prefix}/{k}': v
                                         for k, v in means.items()})
@@ -90,7 +127,14 @@ class MetricLogger:
     parts = [f'{label} {format(means[key], fmt)}'
              for key, label, fmt in self.fields if key in means]
     if 'images_per_sec' in means:
-      parts += [f'{means["images_per_sec"]:.0f} img/s', f'ETA {_eta(eta)}']
+      parts.append(f'{means["images_per_sec"]:.0f} img/s')
+    if 'tflops_per_device' in means:
+      parts.append(f'{means["tflops_per_device"]:.2f} TFLOP/s/dev' + (
+          f' (MFU {means["mfu"]:.1%})' if 'mfu' in means else ''))
+    if 'data_wait_frac' in means:
+      parts.append(f'data wait {means["data_wait_frac"]:.0%}')
+    if math.isfinite(eta):
+      parts.append(f'ETA {format_duration(eta)}')
     logging.info('[%d/%d] %s ep %.2f | %s', step, self.total_steps,
                  self.prefix, means['epoch'], ' | '.join(parts))
     return means
@@ -100,30 +144,36 @@ class MetricLogger:
       self._writer.close()
       self._jsonl.close()
 
+  def __enter__(self) -> 'MetricLogger':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
 
 class LaggedRecorder:
   """Feeds per-step device metrics to a MetricLogger one step late.
 
   Fetching step t's metrics after step t+1 is dispatched keeps the device
-  busy, yet every loss is checked: a non-finite one raises FloatingPointError
-  naming the step, before the caller can save that state.
+  busy, yet every loss is checked: a non-finite one stops the run naming the
+  step, before the caller can save that state.
   """
 
   def __init__(self, logger: MetricLogger, *, start: int, log_every: int,
-               last_good_step: Callable[[], Optional[int]],
-               drop_keys: tuple[str, ...] = ()):
+               last_good: Callable[[], str], drop_keys: tuple[str, ...] = ()):
     self.logger = logger
     self.start = start
     self.log_every = log_every
-    self.last_good_step = last_good_step
+    self.last_good = last_good
     self.drop_keys = drop_keys
     self.losses: dict[int, float] = {}
     self._pending = None
 
-  def push(self, step: int, metrics) -> None:
-    """Records the previous step's metrics, then holds on to these."""
+  def push(self, step: int, metrics, **host_metrics: float) -> None:
+    """Records the previous step's metrics, then holds on to these (device
+    arrays) and `host_metrics` (floats, e.g. the data wait)."""
     self.flush()
-    self._pending = (step, metrics)
+    self._pending = (step, dict(metrics, **host_metrics))
 
   def flush(self) -> None:
     """Records the held metrics now (before a save or an evaluation)."""
@@ -133,13 +183,12 @@ class LaggedRecorder:
     self._pending = None
     metrics = jax.device_get(metrics)
     if not np.isfinite(metrics['loss']):
-      raise FloatingPointError(
-          f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. The '
-          f'last good checkpoint (step {self.last_good_step()}) is kept.')
+      raise UserError(
+          f'Non-finite loss ({metrics["loss"]}) at step {step}; stopping. '
+          f'{self.last_good()} Lower the learning rate (optim.blr) or check '
+          'the data.')
     self.losses[step] = float(metrics['loss'])
     self.logger.add({k: v for k, v in metrics.items()
                      if k not in self.drop_keys})
-    if step == self.start + 1:
-      self.logger.start(step)  # throughput excludes the first compile
     if step % self.log_every == 0 or step == self.logger.total_steps:
       self.logger.flush(step)

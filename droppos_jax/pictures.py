@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any, Optional
 
 import jax
@@ -19,9 +18,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from droppos_jax import checkpoint, input_pipeline, losses, masking, sharding
+from droppos_jax import input_pipeline, losses, masking, sharding
+from droppos_jax.errors import UserError
 from droppos_jax.evaluators import eval_batches
 from droppos_jax.models import droppos as droppos_model
+from droppos_jax.models import weights
 
 COLUMNS = ('input', 'visible patches', 'dropped-PE: true', 'predicted',
            'attentive weights')
@@ -29,22 +30,29 @@ BLANK = (0.80, 0.86, 0.94)  # canvas: a blue-grey rare in photos
 
 
 def load_droppos(path: str):
-  """(model, params, meta, objective) of a pre-training checkpoint.
+  """(model, weights, objective) of a DropPos checkpoint: a pre-training
+  workdir or step folder, or a DropPos weights file (weights.read).
 
-  `objective` holds mask_ratio, pos_drop_ratio and tau from the workdir's
+  `objective` holds mask_ratio, pos_drop_ratio and tau from the run's
   config.json when present, else the paper's defaults.
   """
-  params, meta = checkpoint.load_pretrained(path)
+  w = weights.read(path, what='checkpoint')
+  if w.kind != 'droppos':
+    raise UserError(
+        f'checkpoint: {w.description} has no DropPos projector (the position '
+        'head these pictures show); pass a DropPos pre-training workdir, one '
+        'of its step folders or a DropPos weights file.')
+  w.check_fixed_pe()
+  if w.image_hw is None:
+    raise UserError(f'checkpoint: {w.source} does not tell its image size.')
   # Pictures need no speed: float32 whatever the run computed in.
-  model = droppos_model.droppos_from_model_config(
-      dict(meta['model'], dtype='float32', remat=False))
+  model = w.droppos()
   objective = {'mask_ratio': 0.75, 'pos_drop_ratio': 0.75, 'tau': 0.1}
-  config_file = os.path.join(path, 'config.json')
-  if os.path.isfile(config_file):
-    with open(config_file) as f:
-      saved = json.load(f).get('objective', {})
+  config_file = w.workdir / 'config.json' if w.workdir else None
+  if config_file is not None and config_file.exists():
+    saved = json.loads(config_file.read_text()).get('objective', {})
     objective.update({k: saved[k] for k in objective if k in saved})
-  return model, params, meta, objective
+  return model, w, objective
 
 
 def predict(model: droppos_model.DropPos, params, images, ids_keep, drop_mask,
@@ -143,27 +151,27 @@ def visualize_checkpoint(path: str, output: str, *, data_cfg, num_images: int,
                          **render_kwargs: Any) -> dict[str, Any]:
   """Renders `num_images` images of `data_cfg` through the checkpoint at
   `path` (masks from key(seed)); returns {'path', 'acc', 'step'}."""
-  model, params, meta, objective = load_droppos(path)
+  model, w, objective = load_droppos(path)
   mask_ratio = objective['mask_ratio'] if mask_ratio is None else mask_ratio
   pos_drop_ratio = (objective['pos_drop_ratio'] if pos_drop_ratio is None
                     else pos_drop_ratio)
-  hw = tuple(meta['image_hw'])
+  hw = w.image_hw
   batch = next(eval_batches(data_cfg, image_hw=hw, batch_size=num_images,
                             num_examples=num_images,
-                            mesh=sharding.make_mesh(1)))
+                            mesh=sharding.make_mesh(num_devices=1)))
   n = model.encoder.patch_size
   grid = (hw[0] // n, hw[1] // n)
   ids_keep, drop_mask = jax.jit(masking.sample_masks, static_argnums=(1, 2, 3, 4))(
       jax.random.key(seed), num_images, grid[0] * grid[1], mask_ratio,
       pos_drop_ratio)
   logits, attention = jax.jit(functools.partial(
-      predict, model, tau=objective['tau']))(params, batch['image'], ids_keep,
-                                             drop_mask)
+      predict, model, tau=objective['tau']))(w.params, batch['image'],
+                                             ids_keep, drop_mask)
   predicted = np.asarray(jnp.argmax(logits, axis=-1))
   drop = np.asarray(drop_mask)
   acc = float(((predicted == np.asarray(ids_keep)) & drop).sum() / drop.sum())
-  title = (f'DropPos {meta["model"]["variant"]}, step {meta.get("step")}: '
+  title = (f'DropPos {w.arch.variant or "ViT"}, step {w.step}: '
            f'{100 * acc:.0f}% of PE-dropped patches placed right')
   render(denormalize(batch['image']), ids_keep, drop_mask, predicted, attention,
          patch_size=n, path=output, title=title, **render_kwargs)
-  return {'path': output, 'acc': acc, 'step': meta.get('step')}
+  return {'path': output, 'acc': acc, 'step': w.step}

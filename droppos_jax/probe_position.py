@@ -34,7 +34,7 @@ def main(argv):
   start = time.perf_counter()
   try:
     results = position_probe.run_probe(
-        config, workdir, sharding.make_mesh(config.num_devices))
+        config, workdir, sharding.make_mesh(num_devices=config.num_devices))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   results['seconds'] = time.perf_counter() - start

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from droppos_jax import checkpoint
+from droppos_jax.metric_logging import format_duration
 from droppos_jax.errors import UserError
 
 # Fields that may change when a run is resumed: they change how it is run or
@@ -393,6 +394,19 @@ class Run:
     return (f'Writing {what} to {self.workdir} failed ({_first_line(e)}). '
             f'{self.last_good()}')
 
-  @property
-  def checkpoint_dir(self) -> epath.Path:
-    return self._ckpts.directory
+  # --------------------------------------------------------------- reports
+  def report_complete(self, metrics_text: str) -> None:
+    """A rerun of a finished run: says so, with its final metrics."""
+    logging.info('The run in %s is complete (%d/%d steps): %s.', self.workdir,
+                 self.total_steps, self.total_steps, metrics_text)
+    print(f'Already complete: {self.workdir} ({self.total_steps}/'
+          f'{self.total_steps} steps; {metrics_text}).')
+
+  def report_end(self, step: int, seconds: float, metrics_text: str) -> None:
+    """The one-line summary of a run that ended or stopped."""
+    status = f'stopped ({self.stopped})' if self.stopped else 'done'
+    where = (self._ckpts.directory / str(self.last_saved)
+             if self.last_saved is not None else 'none')
+    logging.info('Run %s: %d/%d steps in %s; %s; checkpoint %s.', status,
+                 step, self.total_steps, format_duration(seconds),
+                 metrics_text, where)

@@ -5,9 +5,10 @@ import os
 
 import pytest
 
-from droppos_jax import train
+from droppos_jax import launch, sharding, train
+from droppos_jax.configs import common
 from droppos_jax.configs import pretrain as pretrain_config
-from droppos_jax import launch
+from droppos_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_ARGS = [None, 'variant=B/16,epochs=200', 'variant=B/16,epochs=800',
@@ -22,7 +23,7 @@ def config_modules():
 
 @pytest.mark.parametrize('name', config_modules())
 def test_every_config_file_loads(name):
-  module = importlib.import_module(f'configs.{name}')
+  module = importlib.import_module(f'droppos_jax.configs.{name}')
   assert module.get_config().to_dict()
   assert 'python ' in module.__doc__  # the docstring carries the command
 
@@ -30,8 +31,8 @@ def test_every_config_file_loads(name):
 @pytest.mark.parametrize('arg', PRETRAIN_ARGS)
 def test_pretrain_recipes_validate(arg):
   c = pretrain_config.get_config(arg)
-  train.objective_config(c)
-  train.build_model(c)
+  s = train.setup(c, 1_281_167, sharding.make_mesh(c.mesh))
+  assert s.total_steps == (5 if arg == 'runlocal' else 312 * c.epochs)
 
 
 @pytest.mark.parametrize('arg,variant,epochs,warmup', [
@@ -53,5 +54,23 @@ def test_paper_recipes(arg, variant, epochs, warmup):
 
 
 def test_unknown_arg_is_rejected():
-  with pytest.raises(ValueError, match="Unknown config arg 'epoch'"):
+  with pytest.raises(UserError, match="Unknown config arg 'epoch'.*valid: "
+                     'variant, epochs, runlocal'):
     pretrain_config.get_config('epoch=800')
+
+
+def test_args_are_typed_by_their_defaults():
+  args = common.parse_arg('epochs=200,runlocal=False,name=x', epochs=800,
+                          runlocal=True, name='y', scale=1.5)
+  assert (args.epochs, args.runlocal, args.name, args.scale) == (200, False,
+                                                                  'x', 1.5)
+  assert common.parse_arg('runlocal', runlocal=False).runlocal is True
+  assert pretrain_config.get_config('runlocal=False').model.variant == 'B/16'
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('runlocal=maybe', 'is a boolean'), ('epochs=eight', 'must be a int'),
+    ('epochs', 'needs a value')])
+def test_bad_arg_values_are_refused(arg, message):
+  with pytest.raises(UserError, match=message):
+    pretrain_config.get_config(arg)

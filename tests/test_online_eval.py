@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from droppos_jax import demo_data, pretrain, sharding
+from droppos_jax.configs import common
 from droppos_jax.evaluators import online
 from droppos_jax.models import droppos as droppos_model
 
@@ -45,7 +46,7 @@ def test_knn_matches_numpy():
 
 
 def small_config(**overrides):
-  c = online.default_eval_config()
+  c = common.eval_config()
   c.enabled = True
   c.every_steps = 10
   c.num_bank_examples = 40      # 3 batches of 16, the last one padded
@@ -106,7 +107,7 @@ def test_metrics_in_range_compiled_once_and_exact(monkeypatch):
 def test_disabled_and_bad_configs():
   model = droppos_model.droppos_from_config('mu/8', 'tiny')
   mesh = sharding.make_mesh()
-  default = online.default_eval_config()
+  default = common.eval_config()
   assert not default.enabled and default.knn_k == 20
   off = online.OnlineEvaluator(default, model=model, obj_cfg=OBJ, mesh=mesh)
   assert not off.due(default.every_steps)

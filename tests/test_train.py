@@ -13,6 +13,7 @@ import pytest
 from droppos_jax import train
 from droppos_jax.configs import pretrain as pretrain_config
 from droppos_jax import demo_data, input_pipeline
+from droppos_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +62,7 @@ def test_loss_falls_and_checkpoint_written(image_dir, tmp_path):
 def test_data_parallel_fsdp_and_single_device_agree(image_dir, tmp_path):
   runs = {}
   for name, overrides in {
-      'dp8': dict(sharding='dp'), 'fsdp8': dict(sharding='fsdp'),
+      'dp8': {}, 'fsdp8': dict(mesh={'data': 1, 'fsdp': -1}),
       'one': dict(num_devices=1)}.items():
     runs[name] = train.train(tiny_config(image_dir, num_train_steps=3,
                                          ckpt_every=10, **overrides),
@@ -102,7 +103,7 @@ def test_preempt_resume_matches_uninterrupted_and_restores_on_one_device(
   with monkeypatch.context() as m:
     sigterm_after(m, 2)  # the signal arrives while step 3 is being fed
     first = train.train(tiny_config(image_dir), str(tmp_path / 'cut'))
-  assert first['preempted'] and first['last_step'] == 3
+  assert first['stopped'] == 'preempted' and first['last_step'] == 3
   assert os.path.isdir(tmp_path / 'cut' / 'checkpoints' / '3')
   shutil.copytree(tmp_path / 'cut', tmp_path / 'cut1')
 
@@ -128,7 +129,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
       yield batch
 
   monkeypatch.setattr(input_pipeline, 'global_batches', poisoned)
-  with pytest.raises(FloatingPointError, match='at step 5'):
+  with pytest.raises(UserError, match='at step 5.*last good checkpoint is step 3'):
     train.train(tiny_config(image_dir, num_train_steps=8), str(tmp_path))
   steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints')
                  if d.isdigit())
@@ -138,20 +139,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
 def forbid_compile(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError('compiled before rejecting bad input')
-  monkeypatch.setattr(train.jax, 'jit', fail)
+  monkeypatch.setattr(train.Setup, 'compile', fail)
 
 
 @pytest.mark.parametrize('overrides,message', [
     (dict(batch_size=12), 'batch_size=12 must be a positive multiple of the 8 devices'),
     (dict(image_size=30), 'Patch size 8 must divide the image size 30x30'),
-    (dict(sharding='tp'), "sharding='tp'"),
+    (dict(mesh={'data': 3, 'fsdp': -1}), 'mesh.data=3'),
     (dict(grad_accum_steps=3), 'not divisible by grad_accum_steps=3'),
 ])
 def test_bad_settings_fail_before_compile(image_dir, tmp_path, monkeypatch,
                                           overrides, message):
   forbid_compile(monkeypatch)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message):
     train.train(tiny_config(image_dir, **overrides), str(tmp_path))
+  assert not os.listdir(tmp_path)  # a refused launch writes nothing
 
 
 def test_bad_data_and_variant_fail_before_compile(image_dir, tmp_path,
@@ -173,10 +175,13 @@ def test_bad_data_and_variant_fail_before_compile(image_dir, tmp_path,
 
 def test_resume_refuses_checkpoint_of_another_model(image_dir, tmp_path):
   train.train(tiny_config(image_dir, num_train_steps=3), str(tmp_path))
+  saved = (tmp_path / 'config.json').read_text()
   config = tiny_config(image_dir, num_train_steps=6)
   config.model.projector = 'small'
-  with pytest.raises(ValueError, match='checkpoint of another model'):
+  with pytest.raises(UserError, match="another config .*model.projector: "
+                     "'tiny' -> 'small'; num_train_steps: 3 -> 6"):
     train.train(config, str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == saved
 
 
 def test_command_line_rejects_unknown_key_and_bad_batch(image_dir, tmp_path):

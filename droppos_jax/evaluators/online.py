@@ -19,33 +19,12 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
 from droppos_jax import pretrain
 from droppos_jax.evaluators import eval_batches
 from droppos_jax.models import droppos as droppos_model
 
 FEATURES = ('cls', 'gap')
-
-
-def default_eval_config() -> ml_collections.ConfigDict:
-  """The `eval` block of a pre-training config (off unless enabled)."""
-  unset = lambda: config_dict.placeholder(str)  # None, overridable by flags
-  demo = lambda split: dict(source='demo', name=unset(), data_dir=unset(),
-                            split=split, path=unset())
-  return ml_collections.ConfigDict(dict(
-      enabled=False,
-      every_steps=500,
-      bank_data=demo('train'),    # labelled k-NN memory bank
-      query_data=demo('val'),     # k-NN queries and held-out position images
-      num_bank_examples=256,
-      num_query_examples=64,
-      batch_size=64,              # multiple of the devices
-      knn_k=20,
-      knn_temperature=0.07,       # DINO's weighted vote: exp(cos / T)
-      knn_feature='cls',          # 'cls' or 'gap' (mean of patch tokens)
-      seed=0,                     # held-out masks
-  ))
 
 
 def _normalize(x):
