@@ -2,7 +2,6 @@
 lr decay, mixup/cutmix, initial weights, and the jit-able train/eval steps."""
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Callable
 
@@ -12,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from droppos_jax import checkpoint
-from droppos_jax.models import classifier, convert, vit
+from droppos_jax.errors import UserError
+from droppos_jax.models import classifier, convert, vit, weights
 
 PROTOCOLS = ('finetune', 'linear_probe')
-INIT_KINDS = ('auto', 'pretrain', 'encoder', 'classifier')
 
 
 def build_model(config, num_classes: int):
@@ -207,91 +205,42 @@ def make_eval_step(model, num_classes: int):
 
 # ----------------------------------------------------------- initial weights ---
 
-def _read_init(path: str, kind: str):
-  """(kind, params tree of that kind, pre-training image size or grid info)."""
-  if kind not in INIT_KINDS:
-    raise ValueError(f'init.kind={kind!r}; valid: {INIT_KINDS}.')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'init.path {path!r} does not exist.')
-  if os.path.isdir(path):
-    if kind not in ('auto', 'pretrain'):
-      raise ValueError(f'init.path {path!r} is a directory (a pre-training '
-                       f"workdir), so init.kind must be 'auto' or 'pretrain', "
-                       f'not {kind!r}.')
-    params, meta = checkpoint.load_pretrained(path)
-    logging.info('Initialising from pre-training checkpoint %s (step %s).',
-                 path, meta.get('step'))
-    return 'droppos', params, {'image_hw': meta.get('image_hw')}
-  if kind == 'pretrain':
-    raise ValueError(f"init.kind='pretrain' needs a pre-training workdir; "
-                     f'{path!r} is a file.')
-  if path.endswith('.msgpack'):
-    params, meta = convert.load_flax_params(path)
-    meta = meta or {}
-    kind = meta.get('kind', kind)
-    if kind == 'auto':
-      raise ValueError(f'{path} has no .json sidecar naming its kind; set '
-                       "init.kind to 'encoder' or 'classifier'.")
-    config = meta.get('config') or {}
-    if config.get('pos_embed') == 'learned':
-      raise ValueError(_LEARNED_PE.format(path=path))
-    return kind, params, {'grid': config.get('grid')}
-  state = convert.load_torch_state_dict(path)
-  if kind == 'auto':
-    kind = 'classifier' if 'head.weight' in state else 'encoder'
-  params, report = convert.torch_to_flax(state, kind=kind)
-  logging.info('Converted %s:\n%s', path, report)
-  if report.config['pos_embed'] == 'learned':
-    raise ValueError(_LEARNED_PE.format(path=path))
-  return kind, params, {'grid': report.config.get('grid')}
-
-
-_LEARNED_PE = (
-    '{path} has a LEARNED pos_embed, but this ViT uses the fixed 2-D sin-cos '
-    'table: its features would not be the ones it was trained with. Only '
-    'checkpoints with sin-cos PE (DropPos, MAE) can initialise this model.')
-
-
 def load_init(init_cfg, protocol: str, abstract_params: Any,
               image_hw: tuple[int, int], patch_size: int) -> dict[str, Any]:
-  """Subtrees of the model's params read from `init_cfg.path`, checked.
+  """Subtrees of the model's params read from `init_cfg.path` (anything
+  weights.read takes), checked against the model.
 
-  Returns {'encoder': ...} (and 'fc_norm'/'head' from a fine-tuned file whose
-  head fits). The encoder must match the model exactly; otherwise a
-  ValueError names every mismatched key.
+  Returns {'encoder': ...} (and 'fc_norm'/'head' from a fine-tuned model
+  whose head fits, when fine-tuning). The encoder must match the model
+  exactly; otherwise a UserError names every mismatched key. Weights with a
+  learned pos_embed are refused (weights.Weights.check_fixed_pe).
   """
-  path = init_cfg.path
-  kind, tree, source = _read_init(path, init_cfg.kind)
-  encoder = dict(tree if kind == 'encoder' else tree['encoder'])
+  w = weights.read(init_cfg.path, what='init.path')
+  w.check_fixed_pe()
+  if w.arch.patch_size != patch_size:
+    raise UserError(f'init.path: {w.description} has patch size '
+                    f'{w.arch.patch_size}, the model {patch_size}: set '
+                    'model.variant to the size it was trained with.')
   want = abstract_params['encoder']
-  if 'norm' in encoder and 'norm' not in want:
-    del encoder['norm']
-    logging.info('Dropped the final norm of %s: global pooling uses fc_norm '
-                 'instead (as MAE).', path)
-  if 'norm' in want and 'norm' not in encoder:
-    raise ValueError(
-        f'{path} has no final encoder norm (a fine-tuned global-pool model?); '
-        'the linear probe reads features after that norm. Probe a '
-        'pre-training checkpoint instead.')
+  encoder = w.encoder_params(final_norm='norm' in want)
   try:
     convert.check_compatible(encoder, want)
-  except ValueError as e:
-    raise ValueError(f'init.path {path} does not fit this model (another '
-                     f'width, depth or patch size?): {e}') from None
-  pretrained_hw = source.get('image_hw') or (
-      [g * patch_size for g in source['grid']] if source.get('grid') else None)
-  if pretrained_hw and tuple(pretrained_hw) != tuple(image_hw):
-    logging.info('Pre-trained at %s px, now %s px: the fixed sin-cos PE is '
+  except UserError as e:
+    raise UserError(f'init.path: {w.description} does not fit this model '
+                    f'(another width or depth?): {e}') from None
+  if w.image_hw and tuple(w.image_hw) != tuple(image_hw):
+    logging.info('Trained at %s px, now %s px: the fixed sin-cos PE is '
                  'recomputed for the new grid, nothing to resample.',
-                 'x'.join(map(str, pretrained_hw)), 'x'.join(map(str, image_hw)))
+                 'x'.join(map(str, w.image_hw)), 'x'.join(map(str, image_hw)))
   out = {'encoder': encoder}
-  if kind == 'classifier' and protocol == 'finetune':
-    heads = {k: tree[k] for k in ('fc_norm', 'head') if k in tree}
+  if w.kind == 'classifier' and protocol == 'finetune':
+    heads = {k: w.params[k] for k in ('fc_norm', 'head') if k in w.params}
     try:
       convert.check_compatible(heads, {k: abstract_params[k] for k in heads})
       out.update(heads)
-    except ValueError as e:
-      logging.warning('Not loading the head of %s (re-initialised): %s', path, e)
+    except UserError as e:
+      logging.warning('Not loading the head of %s (re-initialised): %s',
+                      w.source, e)
   return jax.tree.map(np.asarray, out)  # host arrays: jit places them
 
 

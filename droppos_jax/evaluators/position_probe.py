@@ -26,12 +26,11 @@ import numpy as np
 import optax
 from matplotlib.figure import Figure
 
-from droppos_jax import checkpoint, masking
+from droppos_jax import masking
 from droppos_jax.evaluators import eval_batches
 from droppos_jax.losses import grid_coords
-from droppos_jax.models import convert, vit
+from droppos_jax.models import vit, weights
 
-TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors', '.npz')
 OPTIMIZERS = ('adamw', 'sgd')
 
 
@@ -46,38 +45,15 @@ class FrozenEncoder:
   description: str
 
 
-def _encoder_from_arch(cfg, num_heads):
-  heads = num_heads or cfg.get('num_heads')
-  if not heads:
-    raise ValueError(f'Width {cfg["width"]} is not in vit.VARIANTS, so the '
-                     'number of heads is unknown: set num_heads.')
-  return vit.VisionTransformer(cfg['width'], cfg['depth'], cfg['mlp_dim'],
-                               heads, cfg['patch_size'])
-
-
-def _fine_tuned_encoder(params: dict, name: str) -> dict:
-  """Encoder params of a converted fine-tuned classifier. MAE-style files
-  have no final norm: their fc_norm, the LayerNorm right before the head,
-  normalises the probed tokens instead (timm-style files keep `norm`)."""
-  encoder = dict(params['encoder'])
-  if 'norm' not in encoder:
-    if 'fc_norm' not in params:
-      raise ValueError(f'{name} has a head but neither norm nor fc_norm; '
-                       'cannot probe its tokens.')
-    encoder['norm'] = params['fc_norm']
-  return encoder
-
-
 def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
                  num_heads: Optional[int] = None) -> FrozenEncoder:
-  """The encoder named by `init`.
+  """The encoder named by `init`: 'random' (a fresh `variant` initialised
+  from key(seed)) or anything weights.read takes: a pre-training or
+  fine-tuning workdir or step folder, or a DropPos/MAE/timm weights file.
 
-  'random': a fresh `variant` initialised from key(seed);
-  a directory: a DropPos pre-training workdir (checkpoint.load_pretrained);
-  a .pth/.pt/.bin/.safetensors/.npz file: a PyTorch DropPos/MAE/timm ViT
-  (convert.torch_to_flax, kind 'encoder'), or a fine-tuned one (with a
-  head; see _fine_tuned_encoder); a .msgpack file: Flax params written by
-  convert_checkpoint.py (kind 'encoder' or 'droppos').
+  Tokens are probed after the final norm; a global-pool fine-tuned model has
+  none and its fc_norm stands in (weights.Weights.encoder_params). Weights
+  with a learned pos_embed are refused.
   """
   if init == 'random':
     encoder = vit.vit_from_variant(variant)
@@ -86,44 +62,13 @@ def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
                                    jnp.zeros((1, p, p, 3)))['params']
     return FrozenEncoder(encoder, params, None, None,
                          f'random init {variant} (seed {seed})')
-  if os.path.isdir(init):
-    params, meta = checkpoint.load_pretrained(init)
-    encoder = vit.vit_from_variant(meta['model']['variant'])
-    return FrozenEncoder(encoder, params['encoder'], params['mask_pos_token'],
-                         tuple(meta['image_hw']),
-                         f'DropPos {meta["model"]["variant"]} step '
-                         f'{meta.get("step")} ({init})')
-  if not os.path.isfile(init):
-    raise ValueError(f'init={init!r} is neither "random", a pre-training '
-                     'workdir nor a checkpoint file.')
-  name = os.path.basename(init)
-  if init.endswith('.msgpack'):
-    params, meta = convert.load_flax_params(init)
-    kind, cfg = (meta or {}).get('kind'), (meta or {}).get('config')
-    if kind not in ('encoder', 'droppos') or not cfg:
-      raise ValueError(f'{init} needs its .json sidecar of kind "encoder" or '
-                       f'"droppos" (from convert_checkpoint.py); got {kind!r}.')
-    token = params.get('mask_pos_token') if kind == 'droppos' else None
-    params = params['encoder'] if kind == 'droppos' else params
-  elif init.lower().endswith(TORCH_SUFFIXES):
-    state = convert.load_torch_state_dict(init)
-    fine_tuned = 'head.weight' in state
-    params, report = convert.torch_to_flax(
-        state, kind='classifier' if fine_tuned else 'encoder',
-        num_heads=num_heads)
-    if fine_tuned:
-      params = _fine_tuned_encoder(params, name)
-    cfg, token = report.config, state.get('mask_pos_token')
-  else:
-    raise ValueError(f'Unknown checkpoint format {name!r}: expected a '
-                     f'pre-training workdir, {"/".join(TORCH_SUFFIXES)} or '
-                     '.msgpack.')
-  grid = cfg.get('grid')
-  hw = tuple(g * cfg['patch_size'] for g in grid) if grid else None
-  token = None if token is None else jnp.asarray(token, jnp.float32).reshape(
-      1, 1, -1)
-  return FrozenEncoder(_encoder_from_arch(cfg, num_heads),
-                       jax.tree.map(jnp.asarray, params), token, hw, name)
+  w = weights.read(init, what='init', num_heads=num_heads)
+  w.check_fixed_pe()
+  token = w.mask_pos_token
+  return FrozenEncoder(
+      w.vit(), jax.tree.map(jnp.asarray, w.encoder_params(final_norm=True)),
+      None if token is None else jnp.asarray(token, jnp.float32),
+      w.image_hw, w.description)
 
 
 def _dropped_pe_features(module: vit.VisionTransformer, images, ids_keep,

@@ -1,4 +1,4 @@
-"""Checkpoint conversion between PyTorch ViT/DropPos files and our Flax params.
+"""Name mapping between PyTorch ViT/DropPos state dicts and our Flax params.
 
 Reference names (timm/MAE/DropPos, spec §8) map one-to-one onto ours:
 `patch_embed.proj` -> `patch_embed`, `blocks.{i}.*` -> `blocks_{i}/*`,
@@ -9,20 +9,20 @@ patch conv goes [D, C, p, p] -> [p, p, C, D], LayerNorm `weight` is `scale`.
 against `posemb_sincos_2d` and used to find the patch grid; a learned one is
 reported loudly and dropped.
 
-Targets (`kind`): 'encoder' (VisionTransformer params), 'droppos' (DropPos:
-`encoder`, `mask_pos_token`, `projector`) and 'classifier' (fine-tuned files:
-`{'encoder', 'fc_norm', 'head'}`; MAE's global-pool model has no final `norm`).
+Layouts (`kind`): 'encoder' (VisionTransformer params), 'droppos' (DropPos:
+`encoder`, `mask_pos_token`, `projector`), 'classifier' (fine-tuned:
+`{'encoder', 'fc_norm', 'head'}`; MAE's global-pool model has no final `norm`)
+and 'linear_probe' (MAE's linear probe: `encoder` with its final norm, the
+BatchNorm statistics `head_norm/{mean,var}` <-> `head.0.running_{mean,var}`
+and `head` <-> `head.1`).
 
-torch and safetensors are optional: they are imported only to read or write
-their formats. Flax params files are msgpack (`flax.serialization`) with a JSON
-sidecar holding the architecture, see `save_flax_params`.
+Reading and writing files is `weights.py`'s job; this module maps names and
+infers the architecture from shapes.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import pathlib
 import re
 from typing import Any, Mapping
 
@@ -30,72 +30,18 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import serialization
 
+from droppos_jax.errors import UserError
 from droppos_jax.models import droppos as droppos_lib
 from droppos_jax.models import vit
 
-KINDS = ('encoder', 'droppos', 'classifier')
+KINDS = ('encoder', 'droppos', 'classifier', 'linear_probe')
 _CONTAINER_KEYS = ('model', 'state_dict', 'module')
 _HEADS_BY_WIDTH = {v[0]: v[3] for v in vit.VARIANTS.values()}
 _PROJECTOR_HEADS_BY_WIDTH = {v[0]: v[2] for v in droppos_lib.PROJECTORS.values()}
 
 
-# ---------------------------------------------------------------- file I/O ---
-
-def load_torch_state_dict(path) -> dict[str, np.ndarray]:
-  """Reads .pth/.pt (needs torch), .safetensors or .npz into name -> array.
-
-  Unwraps `{'model'|'state_dict'|'module': ...}` containers and strips
-  `module.` prefixes (DDP); floats keep their dtype (bfloat16 via ml_dtypes).
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'No checkpoint file at {path}.')
-  suffix = path.suffix.lower()
-  if suffix == '.safetensors':
-    obj = _read_safetensors(path)
-  elif suffix == '.npz':
-    try:
-      with np.load(path, allow_pickle=False) as data:
-        obj = {k: data[k] for k in data.files}
-    except Exception as e:
-      raise ValueError(f'{path} is not a readable .npz archive: {e}') from e
-  else:
-    obj = _read_torch(path)
-  return unwrap_state_dict(obj, source=str(path))
-
-
-def _read_safetensors(path):
-  try:  # (importing ml_dtypes above lets numpy read bfloat16 tensors)
-    from safetensors.numpy import load_file
-  except ImportError as e:
-    raise ImportError(f'Reading {path} needs `pip install safetensors`.') from e
-  try:
-    return {k: np.array(v) for k, v in load_file(path).items()}
-  except Exception as e:
-    raise ValueError(f'{path} is not a readable .safetensors file: {e}') from e
-
-
-def _read_torch(path):
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-        f'Reading {path} needs PyTorch (`pip install torch`); without it, '
-        'convert the file to .safetensors or .npz elsewhere.') from e
-  import argparse
-  try:
-    # MAE-style files pickle the training args; a Namespace is plain data.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      return torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:
-    raise ValueError(
-        f'{path} is not a PyTorch checkpoint that torch.load(weights_only=True) '
-        f'can read ({type(e).__name__}: {str(e).splitlines()[0][:300]}). If it '
-        'holds other pickled objects and you trust it, re-save just its state '
-        'dict with torch.save.') from e
-
+# ------------------------------------------------------------- state dicts ---
 
 def unwrap_state_dict(obj: Any, *, source: str = 'state dict') -> dict[str, np.ndarray]:
   """Container -> flat name -> numpy array, `module.` prefixes stripped."""
@@ -106,13 +52,13 @@ def unwrap_state_dict(obj: Any, *, source: str = 'state dict') -> dict[str, np.n
       break
     obj = inner
   if not isinstance(obj, Mapping) or not obj:
-    raise ValueError(
+    raise UserError(
         f'{source} is not a checkpoint: expected a non-empty state dict '
         f'(name -> tensor), optionally under {list(_CONTAINER_KEYS)}; got '
         f'{type(obj).__name__}.')
   bad = [str(k) for k, v in obj.items() if not hasattr(v, 'shape')]
   if bad:
-    raise ValueError(
+    raise UserError(
         f'{source} is not a checkpoint state dict: entries {bad[:5]} are not '
         f'tensors (keys found: {sorted(map(str, obj))[:10]}).')
   return {re.sub(r'^(module\.)+', '', k): _to_numpy(v) for k, v in obj.items()}
@@ -127,60 +73,20 @@ def _to_numpy(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def save_torch_state_dict(state: Mapping[str, np.ndarray], path) -> None:
-  """Writes .pth/.pt as {'model': ...} (needs torch), .safetensors or .npz."""
-  path = pathlib.Path(path)
-  arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
-  suffix = path.suffix.lower()
-  if suffix in ('.pth', '.pt'):
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(f'Writing {path} needs PyTorch (`pip install torch`); '
-                        'write .safetensors or .npz instead.') from e
-    torch.save({'model': {k: torch.from_numpy(v) for k, v in arrays.items()}},
-               path)
-  elif suffix == '.safetensors':
-    try:
-      from safetensors.numpy import save_file
-    except ImportError as e:
-      raise ImportError(f'Writing {path} needs `pip install safetensors`; '
-                        'write .npz instead.') from e
-    save_file(arrays, path)
-  elif suffix == '.npz':
-    np.savez(path, **arrays)
-  else:
-    raise ValueError(f'Unknown output format {path.name!r}: use .pth, .pt, '
-                     '.safetensors or .npz.')
+def guess_kind(state_dict: Mapping[str, Any]) -> str:
+  """The layout of a cleaned reference state dict, read from its names.
 
-
-def save_flax_params(params, path, metadata: Mapping[str, Any] | None = None):
-  """Writes params as msgpack (`flax.serialization.msgpack_serialize`).
-
-  `metadata` (e.g. kind and config) goes to a JSON sidecar `<stem>.json`.
+  DropPos files have `mask_pos_token` (MAE pre-training files have a decoder
+  but no such token: they read as encoders); MAE's linear probe wraps its head
+  as `head.0` (BatchNorm) + `head.1`; a `head` alone is a fine-tuned model.
   """
-  path = pathlib.Path(path)
-  if path.suffix != '.msgpack':
-    raise ValueError(f'Flax params files end in .msgpack; got {path.name!r}.')
-  numpy_params = jax.tree.map(np.asarray, params)
-  path.write_bytes(serialization.msgpack_serialize(numpy_params))
-  if metadata is not None:
-    path.with_suffix('.json').write_text(json.dumps(metadata, indent=1) + '\n')
-
-
-def load_flax_params(path) -> tuple[dict, dict | None]:
-  """(params, metadata or None) from a `save_flax_params` file."""
-  path = pathlib.Path(path)
-  data = path.read_bytes()
-  try:
-    params = serialization.msgpack_restore(data)
-  except Exception as e:
-    raise ValueError(f'{path} is not a msgpack Flax params file: {e}') from e
-  if not isinstance(params, dict):
-    raise ValueError(f'{path} holds a {type(params).__name__}, not a params tree.')
-  sidecar = path.with_suffix('.json')
-  meta = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-  return params, meta
+  if 'mask_pos_token' in state_dict:
+    return 'droppos'
+  if 'head.1.weight' in state_dict:
+    return 'linear_probe'
+  if 'head.weight' in state_dict:
+    return 'classifier'
+  return 'encoder'
 
 
 # ------------------------------------------------------------- name layout ---
@@ -245,6 +151,10 @@ def _leaves(kind: str, cfg: Mapping[str, Any]) -> list[_Leaf]:
     if cfg['fc_norm'] or not cfg['final_norm']:
       out += _norm('fc_norm', ('fc_norm',), d)
     out += _dense('head', ('head',), d, cfg.get('num_classes'))
+  if kind == 'linear_probe':  # BatchNorm1d(affine=False) then Linear
+    out += [_Leaf('head.0.running_mean', ('head_norm', 'mean'), 'copy', (d,)),
+            _Leaf('head.0.running_var', ('head_norm', 'var'), 'copy', (d,))]
+    out += _dense('head.1', ('head',), d, cfg.get('num_classes'))
   # Unknown sizes (None) switch the shape check off for that tensor.
   return [dataclasses.replace(l, torch_shape=None)
           if l.torch_shape is None or None in l.torch_shape else l for l in out]
@@ -292,8 +202,8 @@ def _analyse_pos_embed(sd, width, grid_hw, dtypes):
   table, cls_row = pe[0, 1:], pe[0, 0]
   n = table.shape[0]
   if grid_hw is not None and grid_hw[0] * grid_hw[1] != n:
-    raise ValueError(f'grid_hw {tuple(grid_hw)} has {grid_hw[0] * grid_hw[1]} '
-                     f'patches but pos_embed has {n} patch rows (plus [cls]).')
+    raise UserError(f'grid_hw {tuple(grid_hw)} has {grid_hw[0] * grid_hw[1]} '
+                    f'patches but pos_embed has {n} patch rows (plus [cls]).')
   # Rounding of the stored dtype bounds how well a sin-cos table can match.
   tol = max(1e-4, float(ml_dtypes.finfo(dtypes.get('pos_embed', np.float32)).eps))
   if grid_hw is not None:
@@ -325,7 +235,7 @@ def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
   """(config, cls_row, warnings, notes) for a cleaned state dict."""
   w = sd.get('patch_embed.proj.weight')
   if w is None or w.ndim != 4:
-    raise ValueError(
+    raise UserError(
         'Not a ViT checkpoint: it has no 4-D patch_embed.proj.weight '
         f'(first keys: {sorted(sd)[:8]}).')
   width, in_chans, patch = (int(s) for s in w.shape[:3])
@@ -345,8 +255,9 @@ def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
              patch_size=patch, grid=grid, in_chans=in_chans, pos_embed=pe_status,
              final_norm='norm.weight' in sd or 'norm.bias' in sd,
              fc_norm='fc_norm.weight' in sd or 'fc_norm.bias' in sd)
-  if 'head.weight' in sd and sd['head.weight'].ndim == 2:
-    cfg['num_classes'] = int(sd['head.weight'].shape[0])
+  for head in ('head.weight', 'head.1.weight'):
+    if head in sd and sd[head].ndim == 2:
+      cfg['num_classes'] = int(sd[head].shape[0])
   if any(k.startswith('decoder_') for k in sd):
     pdepth = _block_ids(sd, 'decoder_blocks')
     emb = sd.get('decoder_embed.weight')
@@ -471,15 +382,18 @@ def torch_to_flax(state_dict: Mapping[str, Any], *, kind: str,
   """Reference state dict -> (Flax params of `kind`, report).
 
   Floats become float32. With `strict`, missing tensors or wrong shapes raise
-  a ValueError carrying the full report; otherwise the params hold what could
+  a UserError carrying the full report; otherwise the params hold what could
   be converted. Unused tensors never raise but are listed in the report.
   """
   if kind not in KINDS:
-    raise ValueError(f'Unknown kind {kind!r}; choose from {KINDS}.')
+    raise UserError(f'Unknown kind {kind!r}; choose from {KINDS}.')
   sd, dtypes = _clean(state_dict)
   cfg, cls_row, warnings, notes = _infer(sd, num_heads, grid_hw,
                                          projector_num_heads, dtypes)
-  params, used, missing, mismatches = {}, {'pos_embed'}, [], []
+  # Not parameters here: the sin-cos table (recomputed from the grid) and
+  # BatchNorm's step counter (unused by a BatchNorm with momentum).
+  skipped = {'pos_embed', 'head.0.num_batches_tracked'} & set(sd)
+  params, used, missing, mismatches = {}, set(skipped), [], []
   for leaf in _leaves(kind, cfg):
     arr = sd.get(leaf.torch_key)
     if arr is None:
@@ -500,14 +414,14 @@ def torch_to_flax(state_dict: Mapping[str, Any], *, kind: str,
   cast = sorted({str(dtypes[k]) for k in used if k in dtypes})
   if cast:
     notes.append(f'cast {"/".join(cast)} tensors to float32.')
-  converted = sorted(used - {'pos_embed'} - {m[0] for m in mismatches})
+  converted = sorted(used - skipped - {m[0] for m in mismatches})
   report = ConversionReport(
       kind=kind, config=cfg, converted=converted,
       unused=sorted(k for k in sd if k not in used), missing=missing,
       shape_mismatches=mismatches, warnings=warnings,
       notes=notes + _hints(kind, sd, missing))
   if strict and not report.ok:
-    raise ValueError(f'Checkpoint does not fit kind {kind!r}:\n{report}')
+    raise UserError(f'Checkpoint does not fit kind {kind!r}:\n{report}')
   return params, report
 
 
@@ -520,13 +434,22 @@ def _flatten(tree, prefix=()):
   return {prefix: tree}
 
 
+def flax_config(params: Mapping[str, Any], kind: str) -> dict[str, Any]:
+  """Architecture of our params tree of `kind`, read from its shapes (the
+  format of infer_vit_config without num_heads, grid and pos_embed)."""
+  if isinstance(params, Mapping) and set(params) == {'params'}:
+    params = params['params']
+  return _config_from_flax(
+      {k: np.asarray(v) for k, v in _flatten(params).items()}, kind)
+
+
 def _config_from_flax(flat, kind):
   enc = () if kind == 'encoder' else ('encoder',)
   try:
     p, _, c, d = flat[enc + ('patch_embed', 'kernel')].shape
   except KeyError:
-    raise ValueError(f'Not a {kind!r} params tree: no '
-                     f'{"/".join(enc + ("patch_embed", "kernel"))}.') from None
+    raise UserError(f'Not a {kind!r} params tree: no '
+                    f'{"/".join(enc + ("patch_embed", "kernel"))}.') from None
   depth = max((int(m.group(1)) for path in flat if len(path) > len(enc)
                if (m := re.fullmatch(r'blocks_(\d+)', path[len(enc)]))),
               default=-1) + 1
@@ -544,7 +467,7 @@ def _config_from_flax(flat, kind):
     cfg['projector'] = dict(
         width=None if emb is None else emb.shape[1], depth=pdepth,
         num_positions=None if pred is None else pred.shape[1])
-  if kind == 'classifier' and ('head', 'kernel') in flat:
+  if kind in ('classifier', 'linear_probe') and ('head', 'kernel') in flat:
     cfg['num_classes'] = flat[('head', 'kernel')].shape[1]
   return cfg
 
@@ -552,9 +475,12 @@ def _config_from_flax(flat, kind):
 def flax_to_torch(params: Mapping[str, Any], *, kind: str,
                   grid_hw) -> dict[str, np.ndarray]:
   """Flax params of `kind` -> reference state dict, incl. the sin-cos
-  `pos_embed` [1, 1+h*w, D] (zero [cls] row) for the (h, w) patch grid."""
+  `pos_embed` [1, 1+h*w, D] (zero [cls] row) for the (h, w) patch grid.
+
+  A 'linear_probe' tree also holds the BatchNorm statistics `head_norm`
+  ({'mean', 'var'}, from the 'batch_stats' collection)."""
   if kind not in KINDS:
-    raise ValueError(f'Unknown kind {kind!r}; choose from {KINDS}.')
+    raise UserError(f'Unknown kind {kind!r}; choose from {KINDS}.')
   if isinstance(params, Mapping) and set(params) == {'params'}:
     params = params['params']
   flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
@@ -562,26 +488,28 @@ def flax_to_torch(params: Mapping[str, Any], *, kind: str,
   h, w = (int(g) for g in grid_hw)
   n = cfg.get('projector', {}).get('num_positions')
   if n is not None and n != h * w:
-    raise ValueError(f'grid_hw {(h, w)} has {h * w} positions but the projector '
-                     f'predicts {n}.')
+    raise UserError(f'grid_hw {(h, w)} has {h * w} positions but the projector '
+                    f'predicts {n}.')
   leaves = _leaves(kind, cfg)
   missing = ['/'.join(l.flax_path) for l in leaves if l.flax_path not in flat]
   extra = sorted('/'.join(k) for k in set(flat) - {l.flax_path for l in leaves})
   if missing or extra:
-    raise ValueError(f'params do not have the {kind!r} layout: missing '
-                     f'{missing or "nothing"}; unexpected {extra or "nothing"}.')
+    raise UserError(f'params do not have the {kind!r} layout: missing '
+                    f'{missing or "nothing"}; unexpected {extra or "nothing"}.')
   d = cfg['width']
   state = {l.torch_key: np.ascontiguousarray(_TO_TORCH[l.op](flat[l.flax_path]))
            for l in leaves}
   pos = np.concatenate([np.zeros((1, d), np.float32),
                         vit.posemb_sincos_2d(h, w, d)])[None]
+  if kind == 'linear_probe':  # torch's BatchNorm counter; unused with momentum
+    state['head.0.num_batches_tracked'] = np.zeros((), np.int64)
   return {'pos_embed': pos, **state}
 
 
 # ------------------------------------------------------------ model checks ---
 
 def check_compatible(params, reference_params) -> None:
-  """Raises a ValueError naming every path that is missing, unexpected or of
+  """Raises a UserError naming every path that is missing, unexpected or of
   the wrong shape in `params` relative to `reference_params` (e.g. from
   `jax.eval_shape(model.init, ...)`; a top-level {'params': ...} is unwrapped).
   """
@@ -595,8 +523,8 @@ def check_compatible(params, reference_params) -> None:
   problems += [f'{k}: checkpoint {list(got[k])} vs model {list(want[k])}'
                for k in sorted(set(got) & set(want)) if got[k] != want[k]]
   if problems:
-    raise ValueError('Converted params do not fit the model ('
-                     f'{len(problems)} problems):\n  ' + '\n  '.join(problems))
+    raise UserError('Converted params do not fit the model ('
+                    f'{len(problems)} problems):\n  ' + '\n  '.join(problems))
 
 
 def abstract_params(kind: str, config: Mapping[str, Any]):
