@@ -212,7 +212,7 @@ def load_init(init_cfg, protocol: str, abstract_params: Any,
 
   Returns {'encoder': ...} (and 'fc_norm'/'head' from a fine-tuned model
   whose head fits, when fine-tuning). The encoder must match the model
-  exactly; otherwise a UserError names every mismatched key. Weights with a
+  exactly; otherwise a UserError names the mismatched keys. Weights with a
   learned pos_embed are refused (weights.Weights.check_fixed_pe).
   """
   w = weights.read(init_cfg.path, what='init.path')
@@ -223,11 +223,11 @@ def load_init(init_cfg, protocol: str, abstract_params: Any,
                     'model.variant to the size it was trained with.')
   want = abstract_params['encoder']
   encoder = w.encoder_params(final_norm='norm' in want)
-  try:
-    convert.check_compatible(encoder, want)
-  except UserError as e:
+  problems = convert.compatibility_problems(encoder, want)
+  if problems:
     raise UserError(f'init.path: {w.description} does not fit this model '
-                    f'(another width or depth?): {e}') from None
+                    f'(another width or depth?): {len(problems)} tensors '
+                    f'differ, e.g. {"; ".join(problems[:3])}.')
   if w.image_hw and tuple(w.image_hw) != tuple(image_hw):
     logging.info('Trained at %s px, now %s px: the fixed sin-cos PE is '
                  'recomputed for the new grid, nothing to resample.',
@@ -235,12 +235,13 @@ def load_init(init_cfg, protocol: str, abstract_params: Any,
   out = {'encoder': encoder}
   if w.kind == 'classifier' and protocol == 'finetune':
     heads = {k: w.params[k] for k in ('fc_norm', 'head') if k in w.params}
-    try:
-      convert.check_compatible(heads, {k: abstract_params[k] for k in heads})
+    problems = convert.compatibility_problems(
+        heads, {k: abstract_params[k] for k in heads})
+    if problems:
+      logging.warning('Not loading the head of %s (re-initialised): %s.',
+                      w.source, '; '.join(problems))
+    else:
       out.update(heads)
-    except UserError as e:
-      logging.warning('Not loading the head of %s (re-initialised): %s',
-                      w.source, e)
   return jax.tree.map(np.asarray, out)  # host arrays: jit places them
 
 

@@ -1,21 +1,16 @@
-"""Checkpoint conversion: parity with a torch reference, round trips, errors."""
-import argparse
-import importlib.util
-import pathlib
+"""Name mapping (models/convert.py): parity with a torch reference, round
+trips, layout errors. Reading files: test_weights.py; writing: test_export.py."""
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
-from droppos_jax.models import convert, droppos, vit
+from droppos_jax.errors import UserError
+from droppos_jax.models import classifier, convert, droppos, vit
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 HW = (32, 48)  # non-square: grid 4 x 6
 WIDTH, DEPTH, HEADS, PATCH = 32, 2, 2, 8
 
@@ -25,15 +20,6 @@ def tr():
   pytest.importorskip('torch')
   import torch_reference
   return torch_reference
-
-
-@pytest.fixture(scope='module')
-def cli():
-  spec = importlib.util.spec_from_file_location('convert_checkpoint',
-                                                ROOT / 'convert_checkpoint.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _images(hw, seed=0):
@@ -137,6 +123,36 @@ def test_timm_style_classifier_keeps_final_norm(tr):
   assert back.keys() == state.keys()
 
 
+def test_linear_probe_matches_torch(tr):
+  """MAE's linear probe: [cls] after the final norm -> BatchNorm1d(affine=
+  False) -> Linear, as `head.0` / `head.1`."""
+  import torch
+  tm = tr.VisionTransformer(HW, PATCH, WIDTH, DEPTH, HEADS, num_classes=5)
+  tm.head = torch.nn.Sequential(
+      torch.nn.BatchNorm1d(WIDTH, affine=False, eps=1e-6), tm.head)
+  with torch.no_grad():
+    tm.head[0].running_mean.normal_()
+    tm.head[0].running_var.uniform_(0.5, 2.)
+  tm.eval()
+  state = _state(tm)
+  assert convert.guess_kind(state) == 'linear_probe'
+  tree, report = convert.torch_to_flax(state, kind='linear_probe')
+  assert report.ok and not report.unused and report.config['num_classes'] == 5
+  stats = {'head_norm': tree.pop('head_norm')}
+  model = classifier.LinearProbe(_encoder(), 5)
+  images = _images(HW)
+  convert.check_compatible({'params': tree, 'batch_stats': stats},
+                           jax.eval_shape(model.init, jax.random.key(0), images))
+  ours = model.apply({'params': tree, 'batch_stats': stats}, images)
+  theirs = _torch_run(lambda x: tm.head(tm.forward_features(x)[:, 0]), images)
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+  back = convert.flax_to_torch(dict(tree, **stats), kind='linear_probe',
+                               grid_hw=(4, 6))
+  assert back.keys() == state.keys()
+  for k in state:
+    np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+
+
 def test_droppos_matches_torch(tr):
   tm = tr.DropPos(HW, PATCH, WIDTH, DEPTH, HEADS, decoder_dim=16,
                   decoder_depth=2, decoder_heads=2)
@@ -153,7 +169,8 @@ def test_droppos_matches_torch(tr):
   convert.check_compatible(params, jax.eval_shape(
       model.init, jax.random.key(0), images, ids_keep, drop_mask))
   convert.check_compatible(params, convert.abstract_params('droppos', report.config))
-  ours = model.apply({'params': params}, images, ids_keep, drop_mask, train=False)
+  ours = model.apply({'params': params}, images, ids_keep, drop_mask,
+                     train=False)
   np.testing.assert_allclose(ours, _torch_run(tm, images, ids_keep, drop_mask),
                              atol=1e-4, rtol=1e-4)
 
@@ -199,23 +216,30 @@ _CFG = dict(width=WIDTH, depth=DEPTH, mlp_dim=4 * WIDTH, num_heads=HEADS,
             projector=dict(width=16, depth=2, num_heads=2, num_positions=24))
 
 
+def _random_params(kind):
+  if kind == 'linear_probe':  # (abstract_params has no linear-probe layout)
+    shapes = jax.eval_shape(
+        classifier.LinearProbe(_encoder(), _CFG['num_classes']).init,
+        jax.random.key(0), jnp.zeros((1, 32, 48, 3)))
+    return _random_like(dict(shapes['params'], **shapes['batch_stats']))
+  return _random_like(convert.abstract_params(kind, _CFG))
+
+
 @pytest.mark.parametrize('kind', convert.KINDS)
-@pytest.mark.parametrize('suffix', ['.npz', '.safetensors', '.pth'])
-def test_flax_torch_flax_round_trip_is_exact(kind, suffix, tmp_path):
-  if suffix == '.safetensors':
-    pytest.importorskip('safetensors')
-  if suffix == '.pth':
-    pytest.importorskip('torch')
-  params = _random_like(convert.abstract_params(kind, _CFG))
+def test_flax_torch_flax_round_trip_is_exact(kind):
+  params = _random_params(kind)
   state = convert.flax_to_torch(params, kind=kind, grid_hw=(4, 6))
   assert state['pos_embed'].shape == (1, 25, WIDTH)
   assert not state['pos_embed'][0, 0].any()
-  path = tmp_path / f'ckpt{suffix}'
-  convert.save_torch_state_dict(state, path)
-  loaded = convert.load_torch_state_dict(path)
-  back, report = convert.torch_to_flax(loaded, kind=kind, projector_num_heads=2)
+  assert convert.guess_kind(state) == kind
+  back, report = convert.torch_to_flax(state, kind=kind, projector_num_heads=2)
   assert report.ok and not report.unused and report.config['grid'] == (4, 6)
   _assert_trees_equal(back, params)
+  assert convert.flax_config(params, kind) == {
+      k: v for k, v in report.config.items()
+      if k not in ('num_heads', 'grid', 'pos_embed')} | (
+          {'projector': dict(width=16, depth=2, num_positions=24)}
+          if kind == 'droppos' else {})
 
 
 def test_torch_flax_torch_round_trip_is_exact(tr):
@@ -226,73 +250,6 @@ def test_torch_flax_torch_round_trip_is_exact(tr):
   assert back.keys() == state.keys()
   for k in state:
     np.testing.assert_array_equal(back[k], state[k], err_msg=k)
-
-
-# -------------------------------------------------------------- file reading ---
-
-def test_containers_prefixes_and_dtypes(tr, tmp_path):
-  import torch
-  tm = tr.VisionTransformer(HW, PATCH, WIDTH, 1, HEADS)
-  sd = tm.state_dict()
-  ddp = {f'module.{k}': v for k, v in sd.items()}
-  cases = {
-      'model.pth': {'model': ddp, 'epoch': 3, 'args': argparse.Namespace(lr=1.)},
-      'sd.pth': {'state_dict': sd},
-      'module.pt': {'module': sd},
-  }
-  for name, obj in cases.items():
-    torch.save(obj, tmp_path / name)
-    loaded = convert.load_torch_state_dict(tmp_path / name)
-    assert loaded.keys() == sd.keys(), name
-    np.testing.assert_array_equal(loaded['cls_token'], sd['cls_token'].numpy())
-  torch.save({k: v.bfloat16() for k, v in sd.items()}, tmp_path / 'bf16.pth')
-  loaded = convert.load_torch_state_dict(tmp_path / 'bf16.pth')
-  assert loaded['cls_token'].dtype == ml_dtypes.bfloat16
-  params, report = convert.torch_to_flax(loaded, kind='encoder')
-  assert params['cls_token'].dtype == np.float32
-  assert report.ok and report.config['pos_embed'] == 'sincos'  # bf16 tolerance
-  half = {k: v.numpy().astype(np.float16) for k, v in sd.items()}
-  params, report = convert.torch_to_flax(half, kind='encoder')
-  assert params['cls_token'].dtype == np.float32
-  assert any('float16' in n for n in report.notes)
-
-
-def test_non_checkpoint_files_raise_naming_the_file(tr, tmp_path):
-  import torch
-  for name in ('junk.pth', 'junk.npz', 'junk.safetensors'):
-    (tmp_path / name).write_text('not a checkpoint')
-    with pytest.raises(ValueError, match=name):
-      convert.load_torch_state_dict(tmp_path / name)
-  torch.save([1, 2, 3], tmp_path / 'list.pth')
-  with pytest.raises(ValueError, match='list.pth is not a checkpoint'):
-    convert.load_torch_state_dict(tmp_path / 'list.pth')
-  torch.save({'epoch': 3, 'lr': 0.1}, tmp_path / 'meta.pth')
-  with pytest.raises(ValueError, match='meta.pth is not a checkpoint state dict'):
-    convert.load_torch_state_dict(tmp_path / 'meta.pth')
-  np.savez(tmp_path / 'other.npz', weights=np.zeros(3))
-  with pytest.raises(ValueError, match='Not a ViT checkpoint'):
-    convert.torch_to_flax(convert.load_torch_state_dict(tmp_path / 'other.npz'),
-                          kind='encoder')
-  with pytest.raises(FileNotFoundError):
-    convert.load_torch_state_dict(tmp_path / 'absent.pth')
-
-
-def test_torch_formats_without_torch_give_clear_errors(monkeypatch, tmp_path):
-  path = tmp_path / 'x.pth'
-  path.write_bytes(b'\0')
-  monkeypatch.setitem(sys.modules, 'torch', None)  # import torch -> ImportError
-  with pytest.raises(ImportError, match='pip install torch.*safetensors or .npz'):
-    convert.load_torch_state_dict(path)
-  with pytest.raises(ImportError, match='pip install torch'):
-    convert.save_torch_state_dict({'a': np.zeros(1)}, tmp_path / 'y.pth')
-  with pytest.raises(ValueError, match='Unknown output format'):
-    convert.save_torch_state_dict({'a': np.zeros(1)}, tmp_path / 'y.bin')
-
-
-def test_library_import_does_not_import_torch():
-  code = ('import sys, droppos_jax.models.convert; '
-          'assert "torch" not in sys.modules')
-  subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
 
 
 # ---------------------------------------------------------------- bad inputs ---
@@ -306,7 +263,7 @@ def test_missing_and_misshapen_tensors_raise(droppos_state):
   state = dict(droppos_state)
   del state['blocks.1.attn.qkv.weight']
   state['decoder_blocks.0.mlp.fc1.weight'] = np.zeros((48, 16), np.float32)
-  with pytest.raises(ValueError) as err:
+  with pytest.raises(UserError) as err:
     convert.torch_to_flax(state, kind='droppos')
   msg = str(err.value)
   assert 'missing tensors (1): blocks.1.attn.qkv.weight' in msg
@@ -328,15 +285,15 @@ def test_unused_tensors_are_listed(droppos_state):
 def test_wrong_kind_gives_hints(tr, droppos_state):
   finetuned = _state(tr.VisionTransformer(HW, PATCH, WIDTH, DEPTH, HEADS,
                                           num_classes=5, global_pool=True))
-  with pytest.raises(ValueError, match="(?s)norm.weight.*kind='classifier'"):
+  with pytest.raises(UserError, match="(?s)norm.weight.*kind='classifier'"):
     convert.torch_to_flax(finetuned, kind='encoder')
   mae = {k: v for k, v in droppos_state.items()
          if not k.startswith('decoder_') and k != 'mask_pos_token'}
-  with pytest.raises(ValueError, match="(?s)mask_pos_token.*kind='encoder'"):
+  with pytest.raises(UserError, match="(?s)mask_pos_token.*kind='encoder'"):
     convert.torch_to_flax(mae, kind='droppos')
-  with pytest.raises(ValueError, match='Unknown kind'):
+  with pytest.raises(UserError, match='Unknown kind'):
     convert.torch_to_flax(mae, kind='decoder')
-  with pytest.raises(ValueError, match=r'grid_hw \(5, 5\) has 25 patches.*24'):
+  with pytest.raises(UserError, match=r'grid_hw \(5, 5\) has 25 patches.*24'):
     convert.torch_to_flax(mae, kind='encoder', grid_hw=(5, 5))
 
 
@@ -349,56 +306,18 @@ def test_wrong_kind_gives_hints(tr, droppos_state):
 def test_wrong_model_size_is_named(droppos_state, size, expected):
   params, report = convert.torch_to_flax(droppos_state, kind='encoder')
   target = dict(report.config, **size)
-  with pytest.raises(ValueError, match=re.escape(expected)):
+  with pytest.raises(UserError, match=re.escape(expected)):
     convert.check_compatible(params, convert.abstract_params('encoder', target))
 
 
 def test_export_checks_layout_and_grid():
   params = _random_like(convert.abstract_params('droppos', _CFG))
-  with pytest.raises(ValueError, match='predicts 24'):
+  with pytest.raises(UserError, match='predicts 24'):
     convert.flax_to_torch(params, kind='droppos', grid_hw=(5, 5))
   del params['projector']['norm']
-  with pytest.raises(ValueError, match='(?s)missing.*projector/norm/scale'):
+  with pytest.raises(UserError, match='(?s)missing.*projector/norm/scale'):
     convert.flax_to_torch(params, kind='droppos', grid_hw=(4, 6))
   enc = _random_like(convert.abstract_params('encoder', _CFG))
   enc['extra'] = np.zeros(3, np.float32)
-  with pytest.raises(ValueError, match='(?s)unexpected.*extra'):
+  with pytest.raises(UserError, match='(?s)unexpected.*extra'):
     convert.flax_to_torch(enc, kind='encoder', grid_hw=(4, 6))
-
-
-# ------------------------------------------------------------------ command ---
-
-def test_command_end_to_end(tr, cli, droppos_state, tmp_path, capsys):
-  import torch
-  src = tmp_path / 'droppos.pth'
-  torch.save({'model': {f'module.{k}': torch.from_numpy(v)
-                        for k, v in droppos_state.items()},
-              'epoch': 99, 'args': argparse.Namespace(model='tiny')}, src)
-  flax_file = tmp_path / 'droppos.msgpack'
-  assert cli.main(['--input', str(src), '--output', str(flax_file),
-                   '--kind', 'droppos', '--projector_num_heads', '2']) == 0
-  assert 'droppos: 60 checkpoint tensors converted' in capsys.readouterr().out
-  params, meta = convert.load_flax_params(flax_file)
-  expected, _ = convert.torch_to_flax(droppos_state, kind='droppos')
-  _assert_trees_equal(params, expected)
-  assert meta['kind'] == 'droppos' and meta['config']['grid'] == [4, 6]
-
-  out = tmp_path / 'back.safetensors'
-  assert cli.main(['--direction', 'flax2torch', '--input', str(flax_file),
-                   '--output', str(out), '--kind', 'droppos']) == 0
-  back = convert.load_torch_state_dict(out)
-  assert back.keys() == droppos_state.keys()
-  for k in back:
-    np.testing.assert_array_equal(back[k], droppos_state[k], err_msg=k)
-
-  # A ViT-S/8 model cannot take this width-32 checkpoint: error, no output.
-  assert cli.main(['--input', str(src), '--output', str(tmp_path / 's.msgpack'),
-                   '--kind', 'droppos', '--variant', 'S/8']) == 1
-  err = capsys.readouterr().err
-  assert 'encoder/patch_embed/kernel: checkpoint [8, 8, 3, 32] vs model [8, 8, 3, 384]' in err
-  assert not (tmp_path / 's.msgpack').exists()
-  junk = tmp_path / 'junk.pth'
-  junk.write_text('hello')
-  assert cli.main(['--input', str(junk), '--output', str(tmp_path / 'j.msgpack'),
-                   '--kind', 'encoder']) == 1
-  assert 'junk.pth' in capsys.readouterr().err

@@ -508,11 +508,10 @@ def flax_to_torch(params: Mapping[str, Any], *, kind: str,
 
 # ------------------------------------------------------------ model checks ---
 
-def check_compatible(params, reference_params) -> None:
-  """Raises a UserError naming every path that is missing, unexpected or of
-  the wrong shape in `params` relative to `reference_params` (e.g. from
-  `jax.eval_shape(model.init, ...)`; a top-level {'params': ...} is unwrapped).
-  """
+def compatibility_problems(params, reference_params) -> list[str]:
+  """Every path that is missing, unexpected or of the wrong shape in `params`
+  relative to `reference_params` (e.g. from `jax.eval_shape(model.init,
+  ...)`; a top-level {'params': ...} is unwrapped), one line each."""
   def flat(tree):
     if isinstance(tree, Mapping) and set(tree) == {'params'}:
       tree = tree['params']
@@ -522,6 +521,12 @@ def check_compatible(params, reference_params) -> None:
   problems += [f'unexpected {k} {list(got[k])}' for k in sorted(set(got) - set(want))]
   problems += [f'{k}: checkpoint {list(got[k])} vs model {list(want[k])}'
                for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  return problems
+
+
+def check_compatible(params, reference_params) -> None:
+  """Raises a UserError listing every `compatibility_problems`."""
+  problems = compatibility_problems(params, reference_params)
   if problems:
     raise UserError('Converted params do not fit the model ('
                     f'{len(problems)} problems):\n  ' + '\n  '.join(problems))
