@@ -215,16 +215,19 @@ def initialize_distributed(settings: Optional[dict]) -> None:
 
 # ------------------------------------------------------------------- flags ---
 
-def _define_flags(output: str, output_help: str, default_config: Optional[str],
+def _define_flags(output: Optional[str], output_help: str,
+                  default_config: Optional[str],
                   extra: Sequence[Callable[[], Any]]) -> list[str]:
-  """Defines the command's flags (once per process) and returns their names."""
+  """Defines the command's flags (once per process) and returns their names:
+  config, the output flag (if any), the multi-host flags, then `extra`."""
   if 'config' in flags.FLAGS:  # Tests import several commands in one process.
     return []
   config_flags.DEFINE_config_file(
       'config', default_config,
       'Config file path.py[:arg] or a packaged config name (e.g. demo); '
       'override fields with --config.<field>=<value>.', lock_config=True)
-  flags.DEFINE_string(output, None, output_help)
+  if output:
+    flags.DEFINE_string(output, None, output_help)
   flags.DEFINE_enum('distributed', 'auto', DISTRIBUTED_MODES,
                     'jax.distributed start-up: auto = when a cluster launcher '
                     'is detected or the flags below are given.')
@@ -234,8 +237,8 @@ def _define_flags(output: str, output_help: str, default_config: Optional[str],
                        '(or JAX_NUM_PROCESSES).')
   flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0-based '
                        '(or JAX_PROCESS_ID).')
-  names = ['config', output, 'distributed', 'coordinator_address',
-           'num_processes', 'process_id']
+  names = ['config', *([output] if output else []), 'distributed',
+           'coordinator_address', 'num_processes', 'process_id']
   for define in extra:
     names.append(define().name)
   return names
@@ -262,12 +265,13 @@ def _exit_on_user_error(what: Callable[[], Any]) -> Any:
     sys.exit(f'error: {e}')
 
 
-def run(command: Callable[..., Any], *, output: str = 'workdir',
+def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
         output_help: str = 'Folder for checkpoints and logs (local or gs://); '
         'rerunning resumes it.',
         default_config: Optional[str] = None,
         extra_flags: Sequence[Callable[[], Any]] = ()) -> None:
-  """Runs `command(config, <output>, **extra flag values)` as the program.
+  """Runs `command(config, <output>, **extra flag values)` as the program
+  (`command(config, **extra)` if `output` is None).
 
   A UserError anywhere becomes `error: <message>` and exit status 1; a run
   that returns {'stopped': 'preempted'|'interrupted'} exits with 75 or 130.
@@ -291,15 +295,17 @@ def run(command: Callable[..., Any], *, output: str = 'workdir',
     f = flags.FLAGS
     logging.get_absl_logger().addFilter(_QuietOrbax())
     config = _exit_on_user_error(lambda: _read_config('config'))
-    if config is None or not f[output].value:
-      sys.exit(f'error: --config and --{output} are required (see --help).')
+    if config is None or (output and not f[output].value):
+      required = '--config' + (f' and --{output} are' if output else ' is')
+      sys.exit(f'error: {required} required (see --help).')
     settings = _exit_on_user_error(lambda: distributed_settings(
         f.distributed, f.coordinator_address, f.num_processes, f.process_id))
     jax.config.update('jax_threefry_partitionable', True)
     initialize_distributed(settings)
-    kwargs = {name: f[name].value for name in names[6:]}
+    kwargs = {name: f[name].value for name in names[6 if output else 5:]}
+    args = (config, f[output].value) if output else (config,)
     try:
-      result = command(config, f[output].value, **kwargs)
+      result = command(*args, **kwargs)
     except UserError as e:
       sys.exit(f'error: {e}')
     except KeyboardInterrupt:

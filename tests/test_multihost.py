@@ -1,0 +1,216 @@
+"""Multi-process runs through train.py and its documented multi-host flags:
+2 processes x 4 CPU devices on 127.0.0.1 against 1 process x 8 devices.
+
+Every process is a real `python train.py ...` with its own jax.distributed
+client (gloo collectives over loopback), every wait is bounded, ports are
+picked free.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from droppos_jax import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 300
+# Parameters of the 2x4 run may differ from the 1x8 run by float rounding
+# only: the same examples, masks and initial state, but the gradient
+# all-reduce sums its 8 device contributions in another order (gloo across
+# processes vs in-process). Adam divides each update by sqrt(v), so a
+# relative gradient difference of ~1e-7 moves parameters by ~lr * 1e-7 per
+# step; over a few steps that stays far below 1e-5.
+PARAM_ATOL = 1e-5
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start(workdir, *, processes, devices, steps=8, extra=(), env=None,
+          log_prefix='p'):
+  """Starts `processes` train.py processes with `devices` CPU devices each."""
+  port = free_port()
+  procs = []
+  for i in range(processes):
+    args = [sys.executable, 'train.py', '--config', 'configs/pretrain.py:runlocal',
+            f'--workdir={workdir}', f'--config.num_train_steps={steps}',
+            '--config.ckpt_every=4', '--config.log_every=1',
+            '--config.batch_size=16', *extra]
+    if processes > 1 and env is None:
+      args += [f'--coordinator_address=127.0.0.1:{port}',
+               f'--num_processes={processes}', f'--process_id={i}']
+    proc_env = dict(os.environ, XLA_FLAGS=(
+        f'--xla_force_host_platform_device_count={devices}'),
+                    **(env(i, port) if env else {}))
+    log = open(os.path.join(workdir + f'.{log_prefix}{i}.log'), 'w')
+    procs.append((subprocess.Popen(args, cwd=REPO, env=proc_env, stdout=log,
+                                   stderr=subprocess.STDOUT), log))
+  return procs
+
+
+def finish(procs, timeout=TIMEOUT):
+  """Exit codes and logs; kills everything still running at the deadline."""
+  deadline = time.time() + timeout
+  codes = []
+  for proc, log in procs:
+    try:
+      codes.append(proc.wait(max(1, deadline - time.time())))
+    except subprocess.TimeoutExpired:
+      for p, _ in procs:
+        p.kill()
+      raise
+    log.close()
+  return codes, [open(log.name).read() for _, log in procs]
+
+
+def run(workdir, **kwargs):
+  codes, logs = finish(start(str(workdir), **kwargs))
+  assert codes == [0] * len(codes), logs[0][-3000:]
+  return logs
+
+
+def metrics(workdir):
+  lines = (workdir / 'train_metrics.jsonl').read_text().splitlines()
+  return {r['step']: r for r in map(json.loads, lines)}
+
+
+def final_params(workdir):
+  return checkpoint.load_pretrained(str(workdir))[0]
+
+
+def max_param_diff(a, b):
+  import jax  # pylint: disable=g-import-not-at-top
+  return max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)))
+
+
+def wait_for_step(workdir, step, timeout=TIMEOUT):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    path = workdir / 'train_metrics.jsonl'
+    if path.exists() and any(json.loads(l)['step'] >= step
+                             for l in path.read_text().splitlines()):
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f'step {step} never logged in {workdir}')
+
+
+@pytest.fixture(scope='module')
+def one_by_eight(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('one') / 'run'
+  run(workdir, processes=1, devices=8)
+  return workdir
+
+
+def test_two_hosts_feed_the_same_batches_as_one(one_by_eight, tmp_path):
+  workdir = tmp_path / 'two'
+  logs = run(workdir, processes=2, devices=4)
+  assert 'Process 1/2, 4 local / 8 global devices' in logs[1]
+  one, two = metrics(one_by_eight), metrics(workdir)
+  assert sorted(two) == sorted(one) == list(range(1, 9))
+  # The exact digest of each global batch: same examples, order, crops.
+  assert [two[s]['data_fingerprint'] for s in two] == [
+      one[s]['data_fingerprint'] for s in one]
+  np.testing.assert_allclose([two[s]['loss'] for s in two],
+                             [one[s]['loss'] for s in one], rtol=1e-5)
+  diff = max_param_diff(final_params(workdir), final_params(one_by_eight))
+  assert diff < PARAM_ATOL, diff
+
+
+def stop_one_host(workdir, procs, *, second_after=None, at_step=2):
+  """SIGTERM to process 1 only (a single preempted host), optionally to
+  process 0 `second_after` seconds later."""
+  wait_for_step(workdir, at_step)
+  procs[1][0].send_signal(signal.SIGTERM)
+  if second_after is not None:
+    time.sleep(second_after)
+    if procs[0][0].poll() is None:
+      procs[0][0].send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize('second_after', [None, 1.5])
+def test_sigterm_on_one_host_stops_all_at_the_same_step_and_resumes_on_one(
+    one_by_eight, tmp_path, second_after):
+  workdir = tmp_path / 'cut'
+  procs = start(str(workdir), processes=2, devices=4, steps=8)
+  stop_one_host(workdir, procs, second_after=second_after)
+  codes, logs = finish(procs)
+  assert codes == [75, 75], [l[-2000:] for l in logs]
+  saved = [int(l.split('saved step ')[1].split()[0]) for l in logs]
+  assert saved[0] == saved[1] < 8
+  steps = sorted(int(d.name) for d in (workdir / 'checkpoints').iterdir()
+                 if d.name.isdigit())
+  assert steps[-1] == saved[0]
+  # Resume the 2-host run on 1 process x 8 devices: the same stream goes on.
+  run(workdir, processes=1, devices=8)
+  one, resumed = metrics(one_by_eight), metrics(workdir)
+  assert sorted(resumed) == list(range(1, 9))  # each step logged once
+  assert [resumed[s]['data_fingerprint'] for s in resumed] == [
+      one[s]['data_fingerprint'] for s in one]
+  assert max_param_diff(final_params(workdir),
+                        final_params(one_by_eight)) < PARAM_ATOL
+
+
+def test_one_host_run_resumes_on_two_hosts(one_by_eight, tmp_path):
+  workdir = tmp_path / 'grow'
+  procs = start(str(workdir), processes=1, devices=8, steps=8)
+  wait_for_step(workdir, 2)
+  procs[0][0].send_signal(signal.SIGTERM)
+  codes, logs = finish(procs)
+  assert codes == [75], logs[0][-2000:]
+  run(workdir, processes=2, devices=4)
+  one, resumed = metrics(one_by_eight), metrics(workdir)
+  assert [resumed[s]['data_fingerprint'] for s in sorted(resumed)] == [
+      one[s]['data_fingerprint'] for s in sorted(one)]
+  assert max_param_diff(final_params(workdir),
+                        final_params(one_by_eight)) < PARAM_ATOL
+
+
+def test_ctrl_c_saves_and_exits_with_one_line(tmp_path):
+  workdir = tmp_path / 'int'
+  procs = start(str(workdir), processes=1, devices=8, steps=40)
+  wait_for_step(workdir, 2)
+  procs[0][0].send_signal(signal.SIGINT)
+  codes, logs = finish(procs)
+  assert codes == [130], logs[0][-2000:]
+  assert 'Traceback' not in logs[0]
+  assert 'Stopped (interrupted): saved step' in logs[0]
+
+
+def test_slurm_environment_is_detected(tmp_path):
+  """srun sets SLURM_*; the documented launch is the bare command."""
+  def slurm(i, port):
+    return {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': '127.0.0.1',
+            'SLURM_NTASKS': '2', 'SLURM_PROCID': str(i), 'SLURM_LOCALID': str(i),
+            'JAX_COORDINATOR_PORT': str(port)}
+  logs = run(tmp_path / 'slurm', processes=2, devices=4, steps=2, env=slurm)
+  assert 'jax.distributed.initialize() (SLURM)' in logs[0]
+  assert 'Process 1/2' in logs[1]
+
+
+@pytest.mark.parametrize('flags_,message', [
+    (['--coordinator_address=localhost', '--num_processes=2', '--process_id=0'],
+     "coordinator address 'localhost' must be host:port"),
+    (['--coordinator_address=127.0.0.1:1234', '--num_processes=0',
+      '--process_id=0'], 'num_processes=0 must be >= 1'),
+    (['--coordinator_address=127.0.0.1:1234', '--num_processes=2',
+      '--process_id=2'], 'process_id=2 must be in [0, 2)'),
+    (['--coordinator_address=127.0.0.1:1234'],
+     'Multi-host start-up needs --num_processes'),
+])
+def test_bad_multihost_flags_get_one_line(tmp_path, flags_, message):
+  out = subprocess.run(
+      [sys.executable, 'train.py', '--config', 'configs/pretrain.py:runlocal',
+       f'--workdir={tmp_path}', *flags_], cwd=REPO, capture_output=True,
+      text=True, timeout=TIMEOUT)
+  assert out.returncode == 1
+  assert f'error: {message}' in out.stderr and 'Traceback' not in out.stderr
