@@ -10,13 +10,13 @@ import pytest
 import tensorflow as tf
 
 from droppos_jax import finetune
+from droppos_jax.errors import UserError
 from droppos_jax import train
 from droppos_jax.configs import finetune as finetune_config
 from droppos_jax.configs import linear_probe as probe_config
 from droppos_jax.configs import pretrain as pretrain_config
-from droppos_jax import augment, checkpoint, finetune_data
-from droppos_jax import classification as ft_lib
-from droppos_jax.models import convert
+from droppos_jax import augment, classification, finetune_data
+from droppos_jax.models import convert, weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,13 +67,19 @@ def test_finetune_from_pretraining_checkpoint_loads_its_encoder(pretrained,
                                                                 tmp_path):
   c = tiny(num_train_steps=2)
   c.init.path = pretrained
-  c.optim.blr = 0.   # lr 0: the saved params are the initial ones
-  finetune.train(c, str(tmp_path))
-  tuned, _ = checkpoint.load_pretrained(str(tmp_path))
-  source, _ = checkpoint.load_pretrained(pretrained)
-  want = dict(source['encoder'])
+  model = classification.build_model(c, 16)
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
+  loaded = classification.load_init(c.init, c.protocol, abstract['params'],
+                                    (32, 32), 8)
+  want = dict(weights.read(pretrained).params['encoder'])
   del want['norm']   # global pooling has fc_norm instead
-  jax.tree.map(np.testing.assert_array_equal, tuned['encoder'], want)
+  jax.tree.map(np.testing.assert_array_equal, loaded['encoder'], want)
+  finetune.train(c, str(tmp_path))
+  tuned = weights.read(str(tmp_path))
+  assert (tuned.kind, tuned.step, tuned.image_hw) == ('classifier', 2, (32, 32))
+  assert jax.tree.map(np.shape, tuned.params['encoder']) == jax.tree.map(
+      np.shape, want)
 
 
 def test_linear_probe_trains_head_only(pretrained, tmp_path):
@@ -82,44 +88,11 @@ def test_linear_probe_trains_head_only(pretrained, tmp_path):
   out = finetune.train(c, str(tmp_path))
   assert np.isfinite(list(out['losses'].values())).all()
   assert 0 <= out['evals'][4]['acc1'] <= out['evals'][4]['acc5'] <= 1
-  tuned, _ = checkpoint.load_pretrained(str(tmp_path))
-  source, _ = checkpoint.load_pretrained(pretrained)
-  jax.tree.map(np.testing.assert_array_equal, tuned['encoder'],
-               source['encoder'])
-  assert np.abs(np.asarray(tuned['head']['kernel'])).max() > 0.
-
-
-def _abstract(config, num_classes=16):
-  model = ft_lib.build_model(config, num_classes)
-  return jax.eval_shape(model.init, jax.random.key(0),
-                        jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))['params']
-
-
-def test_init_from_converted_torch_files(pretrained, tmp_path):
-  source, _ = checkpoint.load_pretrained(pretrained)
-  source = jax.tree.map(np.asarray, source)
-  state = convert.flax_to_torch(source, kind='droppos', grid_hw=(4, 4))
-  convert.save_torch_state_dict(state, tmp_path / 'droppos.npz')
-  c = tiny()
-  c.init.path = str(tmp_path / 'droppos.npz')
-  loaded = ft_lib.load_init(c.init, 'finetune', _abstract(c), (32, 32), 8)
-  assert set(loaded) == {'encoder'} and 'norm' not in loaded['encoder']
-  np.testing.assert_allclose(loaded['encoder']['blocks_1']['mlp']['fc2']['kernel'],
-                             source['encoder']['blocks_1']['mlp']['fc2']['kernel'])
-  # A fine-tuned file: its fc_norm and head load when the class count fits.
-  rng = np.random.default_rng(0)
-  clf = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
-                     _abstract(c))
-  state = convert.flax_to_torch(clf, kind='classifier', grid_hw=(4, 4))
-  convert.save_torch_state_dict(state, tmp_path / 'tuned.npz')
-  c.init.path = str(tmp_path / 'tuned.npz')
-  loaded = ft_lib.load_init(c.init, 'finetune', _abstract(c), (32, 32), 8)
-  np.testing.assert_allclose(loaded['head']['kernel'], clf['head']['kernel'])
-  other = ft_lib.load_init(c.init, 'finetune', _abstract(c, 10), (32, 32), 8)
-  assert set(other) == {'encoder'}   # head of 16 classes, model has 10
-  with pytest.raises(ValueError, match='no final encoder norm'):
-    ft_lib.load_init(c.init, 'linear_probe', _abstract(tiny(probe_config)),
-                     (32, 32), 8)
+  tuned = weights.read(str(tmp_path))
+  assert tuned.kind == 'linear_probe' and set(tuned.batch_stats) == {'head_norm'}
+  jax.tree.map(np.testing.assert_array_equal, tuned.params['encoder'],
+               weights.read(pretrained).params['encoder'])
+  assert np.abs(np.asarray(tuned.params['head']['kernel'])).max() > 0.
 
 
 def forbid_compile(monkeypatch):
@@ -130,18 +103,17 @@ def forbid_compile(monkeypatch):
 
 def test_bad_init_fails_before_compile(pretrained, tmp_path, monkeypatch):
   forbid_compile(monkeypatch)
-  source, _ = checkpoint.load_pretrained(pretrained)
-  state = convert.flax_to_torch(jax.tree.map(np.asarray, source),
+  state = convert.flax_to_torch(weights.read(pretrained).params,
                                 kind='droppos', grid_hw=(4, 4))
   learned = dict(state, pos_embed=np.random.default_rng(0).normal(
       size=state['pos_embed'].shape).astype(np.float32))
-  convert.save_torch_state_dict(learned, tmp_path / 'learned.npz')
+  np.savez(tmp_path / 'learned.npz', **learned)
   (tmp_path / 'junk.npz').write_text('not a checkpoint')
   cases = [
-      (pretrained, dict(variant='mu/16'),
-       r'does not fit this model(.|\n)*patch_embed/kernel: checkpoint \[8, 8, 3, 32\]'),
-      (pretrained, dict(variant='nano/8'), r'does not fit(.|\n)*missing blocks_2'),
-      (str(tmp_path / 'junk.npz'), {}, 'not a readable .npz'),
+      (pretrained, dict(variant='mu/16'), 'has patch size 8, the model 16'),
+      (pretrained, dict(variant='nano/8'),
+       'does not fit this model .* e.g. missing blocks_2'),
+      (str(tmp_path / 'junk.npz'), {}, 'junk.npz is not a weights file'),
       (str(tmp_path / 'learned.npz'), {}, 'LEARNED pos_embed'),
       (str(tmp_path / 'none'), {}, 'does not exist'),
   ]
@@ -149,8 +121,7 @@ def test_bad_init_fails_before_compile(pretrained, tmp_path, monkeypatch):
     c = tiny()
     c.init.path = path
     c.model.update(model)
-    error = FileNotFoundError if message == 'does not exist' else ValueError
-    with pytest.raises(error, match=message):
+    with pytest.raises(UserError, match=message):
       finetune.train(c, str(tmp_path / f'w{i}'))
 
 

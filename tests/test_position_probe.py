@@ -12,6 +12,7 @@ import pytest
 
 from droppos_jax.configs import position_probe as probe_config
 from droppos_jax import checkpoint, sharding
+from droppos_jax.errors import UserError
 from droppos_jax.evaluators import position_probe
 from droppos_jax.models import classifier, convert
 from droppos_jax.models import droppos as droppos_model
@@ -29,7 +30,8 @@ def save_tiny_checkpoint(workdir):
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 1), jnp.int32),
       jnp.ones((1, 1), bool))
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                 max_to_keep=1, async_save=False)
+                                 max_to_keep=1, save_every=1, last_step=7,
+                                 async_save=False)
   ckpts.save(7, {'step': jnp.int32(7), 'params': params['params']},
              {'step': 7, 'model': MODEL, 'image_hw': [32, 32]})
   ckpts.close()
@@ -117,7 +119,7 @@ def test_load_encoder_sources(tiny_run, tmp_path):
   # an MAE-style encoder file carries no mask token.
   state = convert.flax_to_torch(params['encoder'], kind='encoder',
                                 grid_hw=(4, 4))
-  convert.save_torch_state_dict(state, tmp_path / 'enc.npz')
+  np.savez(tmp_path / 'enc.npz', **state)
   frozen = position_probe.load_encoder(str(tmp_path / 'enc.npz'))
   assert frozen.image_hw == (32, 32) and frozen.mask_pos_token is None
   np.testing.assert_allclose(frozen.params['blocks_1']['mlp']['fc2']['kernel'],
@@ -128,12 +130,12 @@ def test_load_encoder_sources(tiny_run, tmp_path):
 
 def test_bad_init_gives_clear_errors(tmp_path):
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(ValueError, match='No DropPos checkpoint'):
+  with pytest.raises(UserError, match='empty holds no checkpoint'):
     position_probe.load_encoder(str(tmp_path / 'empty'))
-  with pytest.raises(ValueError, match='neither "random"'):
+  with pytest.raises(UserError, match="init '.*missing' does not exist"):
     position_probe.load_encoder(str(tmp_path / 'missing'))
   (tmp_path / 'notes.txt').write_text('hi')
-  with pytest.raises(ValueError, match='Unknown checkpoint format'):
+  with pytest.raises(UserError, match='notes.txt is not a weights file'):
     position_probe.load_encoder(str(tmp_path / 'notes.txt'))
   with pytest.raises(ValueError, match='Unknown ViT variant'):
     position_probe.load_encoder('random', variant='huge/16')
@@ -163,7 +165,7 @@ def test_load_fine_tuned_classifier_uses_fc_norm(tmp_path):
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
   state = convert.flax_to_torch(params, kind='classifier', grid_hw=(4, 4))
   assert 'head.weight' in state and 'norm.weight' not in state
-  convert.save_torch_state_dict(state, tmp_path / 'finetuned.npz')
+  np.savez(tmp_path / 'finetuned.npz', **state)
   frozen = position_probe.load_encoder(str(tmp_path / 'finetuned.npz'))
   assert frozen.image_hw == (32, 32)
   np.testing.assert_array_equal(frozen.params['norm']['scale'],

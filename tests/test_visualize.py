@@ -10,6 +10,7 @@ from PIL import Image
 import pytest
 
 from droppos_jax import checkpoint
+from droppos_jax.errors import UserError
 from droppos_jax import pictures as visualize
 from droppos_jax.models import droppos as droppos_model
 
@@ -45,7 +46,8 @@ def test_command_writes_png(tmp_path):
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 1), jnp.int32),
       jnp.ones((1, 1), bool))
   ckpts = checkpoint.Checkpoints(str(tmp_path / 'run' / 'checkpoints'),
-                                 max_to_keep=1, async_save=False)
+                                 max_to_keep=1, save_every=1, last_step=3,
+                                 async_save=False)
   ckpts.save(3, {'step': jnp.int32(3), 'params': params['params']}, {
       'step': 3, 'image_hw': [32, 32], 'model': dict(
           variant='mu/8', projector='tiny', projector_width=None,
@@ -60,6 +62,6 @@ def test_command_writes_png(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'wrote' in run.stdout
   assert Image.open(out).size == (1000, 400)  # 5 x 2 panels of 2 in at 100 dpi
-  with pytest.raises(ValueError, match='No DropPos checkpoint'):
+  with pytest.raises(UserError, match='holds no checkpoint'):
     visualize.visualize_checkpoint(str(tmp_path), str(tmp_path / 'x.png'),
                                    data_cfg=None, num_images=1)
