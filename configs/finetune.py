@@ -23,8 +23,9 @@ m9-mstd0.5, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1,
 batch 1024; eval at 224 px after resizing to 256 (bicubic).
 Expected ImageNet-1K top-1 (paper, Table 1): 83.0 after DropPos B/16 200 ep,
 84.2 after B/16 800 ep, 85.8 after L/16 800 ep.
-`init.path`: a pre-training workdir, a PyTorch/.safetensors/.npz file or a
-converted .msgpack (`init.kind` 'auto' tells them apart); '' = random init.
+`init.path`: a pre-training or fine-tuning workdir or step folder, or a
+.safetensors/.pth/.npz file (models/weights.py reads its kind); '' = random
+init.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -46,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.protocol = 'finetune'         # or 'linear_probe'
   c.image_size = 224
   c.num_classes = config_dict.placeholder(int)  # None: from the train data
-  c.init = ml_collections.ConfigDict(dict(path='', kind='auto'))
+  c.init = ml_collections.ConfigDict(dict(path=''))
   c.data = data('train')
   c.val_data = data('validation')
   c.augment = ml_collections.ConfigDict(dict(

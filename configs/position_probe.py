@@ -5,9 +5,9 @@ r"""Position probing (paper §4.3) of a frozen ViT on the offline demo photos.
   python probe_position.py --config configs/position_probe.py \
       --config.init=random --config.image_size=32 --workdir runs/probe_random
 
-`init` is 'random' (a fresh `variant`), a DropPos pre-training workdir, a
-PyTorch DropPos/MAE/timm file (.pth/.pt/.bin/.safetensors/.npz) or a .msgpack
-from convert_checkpoint.py. Dropped tokens get the checkpoint's
+`init` is 'random' (a fresh `variant`), a pre-training or fine-tuning
+workdir or step folder, or a DropPos/MAE/timm weights file (.safetensors,
+.pth/.pt/.bin, .npz; models/weights.py). Dropped tokens get the checkpoint's
 mask_pos_token if it has one (and use_mask_token), else no PE.
 
 Demo data: the head trains on 2,048 fresh crops (crop seed 1) and is scored

@@ -7,8 +7,9 @@ r"""Fine-tuning and linear probing of a (DropPos pre-trained) ViT, spec §7.
   python finetune.py --config configs/linear_probe.py:variant=B/16 \
       --workdir gs://bucket/lin_b16 --config.init.path=droppos_b16.pth
 
-`init.path` is a pre-training workdir, a PyTorch/safetensors/npz file (DropPos,
-MAE or a fine-tuned one) or a converted .msgpack; empty means random init.
+`init.path` is a pre-training or fine-tuning workdir or step folder, or a
+.safetensors/.pth/.npz file (DropPos, MAE or a fine-tuned one; see
+models/weights.py); empty means random init.
 Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 from __future__ import annotations

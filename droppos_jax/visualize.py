@@ -20,7 +20,7 @@ from ml_collections import config_dict, config_flags
 from droppos_jax import pictures
 
 flags.DEFINE_string('checkpoint', None, 'DropPos pre-training workdir (or its '
-                    'checkpoints/ or a step folder).')
+                    'checkpoints/ or a step folder), or a DropPos weights file.')
 flags.DEFINE_string('output', None, 'PNG file to write.')
 flags.DEFINE_integer('num_images', 4, 'Images (rows) to show.')
 flags.DEFINE_integer('seed', 0, 'Key of the masks.')

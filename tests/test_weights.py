@@ -475,3 +475,26 @@ def test_library_import_does_not_import_torch():
   code = ('import sys, droppos_jax.models.weights, droppos_jax.export; '
           'assert "torch" not in sys.modules')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
+
+
+def test_remote_workdir_reads_and_exports_through_epath(tmp_path, monkeypatch):
+  """A run on a non-local scheme (the offline fake:// store of fakefs.py
+  stands in for gs://): read, exported there in every format, read back."""
+  fakefs = pytest.importorskip('fakefs')
+  root = tmp_path / 'store'
+  root.mkdir()
+  monkeypatch.chdir(tmp_path)   # a stray os.path/open would write ./fake:/...
+  with fakefs.fake_filesystem(str(root), monkeypatch):
+    save_run(root / 'bucket' / 'run', 'droppos')
+    w = weights.read('fake://bucket/run')
+    assert w.step == 4 and str(w.workdir) == 'fake://bucket/run'
+    assert_trees_equal(w.params, make_variables('droppos', 4)[0])
+    assert pictures.load_droppos('fake://bucket/run')[2]['tau'] == 0.2
+    for suffix in FILE_FORMATS:
+      if suffix == '.pth' and not _has_torch():
+        continue
+      export.export('fake://bucket/run', f'fake://bucket/out/w{suffix}')
+      assert (root / 'bucket' / 'out' / f'w{suffix}').is_file()
+      assert_trees_equal(weights.read(f'fake://bucket/out/w{suffix}').params,
+                         w.params)
+  assert not (tmp_path / 'fake:').exists(), 'a user path bypassed epath'
