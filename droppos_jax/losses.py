@@ -61,11 +61,14 @@ def smoothing_targets(grid_hw: Sequence[int], sigma,
   return (weights / weights.sum(axis=0, keepdims=True))[:n, :n]
 
 
-def attentive_weights(cls_feat, patch_feats, ids_keep, tau: float) -> jax.Array:
-  """[B, K] token weights from cls similarity, renormalised over visible tokens.
+def attentive_weights(cls_feat, patch_feats, tau: float) -> jax.Array:
+  """[B, K] token weights: softmax_j(cos(cls, patch_j) / tau) over the given
+  patches, float32, no gradient.
 
-  softmax_j(cos(cls, patch_j)/tau) over all N patches of the full pass,
-  gathered at `ids_keep`, each row rescaled to sum to 1. No gradient.
+  Attentive reconstruction takes the softmax over all N patches of the full
+  pass and renormalises it over the K visible ones; the denominator over N
+  cancels, so passing the K visible patches' features gives those weights
+  (and all N patches give the unrenormalised map).
   """
   if isinstance(tau, (int, float)) and not tau > 0:
     raise ValueError(f'tau={tau!r} must be > 0 (the paper uses 0.1).')
@@ -74,9 +77,7 @@ def attentive_weights(cls_feat, patch_feats, ids_keep, tau: float) -> jax.Array:
   normalize = lambda x: x / jnp.maximum(
       jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
   cos = jnp.einsum('bd,bnd->bn', normalize(cls_feat), normalize(patch_feats))
-  attn = jax.nn.softmax(cos / tau, axis=-1)
-  picked = jnp.take_along_axis(attn, ids_keep, axis=1)
-  return picked / picked.sum(axis=1, keepdims=True)
+  return jax.nn.softmax(cos / tau, axis=-1)
 
 
 def droppos_loss(logits, ids_keep, drop_mask, *, grid_hw: Sequence[int], sigma,

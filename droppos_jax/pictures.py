@@ -59,12 +59,10 @@ def predict(model: droppos_model.DropPos, params, images, ids_keep, drop_mask,
             tau: float):
   """(position logits [B, K, N], attentive weights [B, N]) for given masks."""
   logits = model.apply({'params': params}, images, ids_keep, drop_mask,
-                       train=False)
+                       train=False)['logits']
   cls, patches = model.apply({'params': params}, images,
                              method=droppos_model.DropPos.full_features)
-  everything = jnp.broadcast_to(jnp.arange(patches.shape[1]),
-                                patches.shape[:2])
-  return logits, losses.attentive_weights(cls, patches, everything, tau)
+  return logits, losses.attentive_weights(cls, patches, tau)
 
 
 def denormalize(images) -> np.ndarray:

@@ -49,21 +49,19 @@ def masked_loss_fn(params, model: droppos_model.DropPos, images, ids_keep,
                    drop_mask, sigma, cfg: ObjectiveConfig):
   """(loss, metrics) of DropPos on `images` [B, H, W, 3] for given masks.
 
-  The attentive pass (all patches, true PEs) is forward-only: its output is
-  wrapped in stop_gradient, so XLA prunes its backward entirely. metrics
-  carries 'weight_sum' (sum of token weights) so callers can combine
-  micro-batches exactly.
+  The attentive pass (all patches, true PEs) is forward-only and shares the
+  masked pass's patch embedding; its weights carry no gradient, so XLA
+  prunes its backward entirely. metrics carries 'weight_sum' (sum of token
+  weights) so callers can combine micro-batches exactly.
   """
+  out = model.apply({'params': params}, images, ids_keep, drop_mask,
+                    attentive=cfg.attentive)
   token_weights = None
   if cfg.attentive:
-    cls_feat, patch_feats = model.apply(
-        {'params': jax.lax.stop_gradient(params)}, images,
-        method=droppos_model.DropPos.full_features)
-    token_weights = losses.attentive_weights(cls_feat, patch_feats, ids_keep,
-                                             cfg.tau)
-  logits = model.apply({'params': params}, images, ids_keep, drop_mask)
+    token_weights = losses.attentive_weights(
+        out['attentive']['cls'], out['attentive']['patches'], cfg.tau)
   loss, metrics = losses.droppos_loss(
-      logits, ids_keep, drop_mask, grid_hw=cfg.grid, sigma=sigma,
+      out['logits'], ids_keep, drop_mask, grid_hw=cfg.grid, sigma=sigma,
       token_weights=token_weights, official_grid_width=cfg.official_grid_width)
   weights = drop_mask.astype(jnp.float32)
   if token_weights is not None:

@@ -170,7 +170,7 @@ def test_droppos_matches_torch(tr):
       model.init, jax.random.key(0), images, ids_keep, drop_mask))
   convert.check_compatible(params, convert.abstract_params('droppos', report.config))
   ours = model.apply({'params': params}, images, ids_keep, drop_mask,
-                     train=False)
+                     train=False)['logits']
   np.testing.assert_allclose(ours, _torch_run(tm, images, ids_keep, drop_mask),
                              atol=1e-4, rtol=1e-4)
 

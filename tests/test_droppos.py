@@ -1,4 +1,6 @@
-"""DropPos model + objective: gradients, sharded == single device, one trace."""
+"""DropPos model + objective: the step against the reference computation in
+torch, the shortened attentive pass against the full one, gradients,
+sharded == single device, one trace."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from droppos_jax import pretrain
-from droppos_jax.models import droppos
+from droppos_jax import losses, pretrain
+from droppos_jax.models import convert, droppos, vit
 
 CFG = pretrain.ObjectiveConfig(image_hw=(16, 32), patch_size=8)  # 2x4 grid
 MODEL = droppos.droppos_from_config('mu/8', 'tiny')
@@ -25,7 +27,8 @@ def setup():
 def test_logit_shapes(setup):
   params, images = setup
   ids = jnp.tile(jnp.arange(2, dtype=jnp.int32), (16, 1))
-  logits = MODEL.apply({'params': params}, images, ids, jnp.ones((16, 2), bool))
+  logits = MODEL.apply({'params': params}, images, ids,
+                       jnp.ones((16, 2), bool))['logits']
   chex.assert_shape(logits, (16, 2, 8))
   assert logits.dtype == jnp.float32
   assert params['projector']['pred']['kernel'].shape == (64, 8)
@@ -36,7 +39,7 @@ def test_mask_token_replaces_pe_only_where_dropped(setup):
   ids = jnp.tile(jnp.arange(2, dtype=jnp.int32), (16, 1))
   none_dropped = jnp.zeros((16, 2), bool)
   grad = jax.grad(lambda p: MODEL.apply({'params': p}, images, ids,
-                                        none_dropped).sum())(params)
+                                        none_dropped)['logits'].sum())(params)
   np.testing.assert_array_equal(grad['mask_pos_token'], 0.)
 
 
@@ -54,6 +57,96 @@ def test_gradients_reach_mask_token_and_not_through_attentive_pass(setup):
   loss_u, _ = pretrain.loss_fn(params, MODEL, images, jax.random.key(2), 1.0,
                                cfg_plain)
   assert np.isfinite(loss_w) and np.isfinite(loss_u) and loss_w != loss_u
+
+
+def test_objective_matches_torch_reference():
+  """Loss, attentive weights and every gradient of our step (one patch
+  embedding, attentive pass cut after the visible tokens' keys and values,
+  weights as a softmax over the visible tokens) against the authors' way in
+  torch: a full second forward, softmax over all N, gather, renormalise."""
+  torch = pytest.importorskip('torch')
+  import torch_reference
+  hw, patch, sigma, tau = (32, 48), 8, 0.8, 0.1
+  tm = torch_reference.DropPos(hw, patch, 32, 2, 2, decoder_dim=16,
+                               decoder_depth=2, decoder_heads=2)
+  state = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
+  params, _ = convert.torch_to_flax(state, kind='droppos', projector_num_heads=2)
+  model = droppos.DropPos(vit.VisionTransformer(32, 2, 128, 2, patch),
+                          droppos.Projector(16, 2, 2))
+  cfg = pretrain.ObjectiveConfig(image_hw=hw, patch_size=patch, tau=tau)
+  images = np.random.default_rng(0).normal(size=(4, *hw, 3)).astype(np.float32)
+  ids_keep, drop_mask = pretrain.sample_masks(jax.random.key(0), 4, cfg)
+
+  (loss, _), grads = jax.jit(
+      jax.value_and_grad(pretrain.masked_loss_fn, has_aux=True),
+      static_argnums=(1, 6))(params, model, images, ids_keep, drop_mask, sigma,
+                             cfg)
+  out = model.apply({'params': params}, images, ids_keep, drop_mask,
+                    attentive=True)
+  weights = losses.attentive_weights(out['attentive']['cls'],
+                                     out['attentive']['patches'], tau)
+
+  ids_t = torch.from_numpy(np.asarray(ids_keep, np.int64))
+  loss_t, weights_t = torch_reference.droppos_loss(
+      tm, torch.from_numpy(images).permute(0, 3, 1, 2), ids_t,
+      torch.from_numpy(np.array(drop_mask)),
+      torch_reference.smoothing_targets(cfg.grid, sigma), tau)
+  loss_t.backward()
+  np.testing.assert_allclose(weights, weights_t.numpy(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(loss, loss_t.item(), rtol=1e-5)
+  ours = convert.flax_to_torch(grads, kind='droppos', grid_hw=cfg.grid)
+  for name, p in tm.named_parameters():
+    if p.requires_grad:
+      scale = float(p.grad.abs().max()) + 1e-12
+      np.testing.assert_allclose(ours[name] / scale, p.grad.numpy() / scale,
+                                 atol=2e-5, err_msg=name)
+
+
+def test_attentive_pass_equals_the_full_pass_at_the_visible_tokens(setup):
+  params, images = setup
+  ids_keep, drop_mask = pretrain.sample_masks(jax.random.key(5), 16, CFG)
+  out = MODEL.apply({'params': params}, images, ids_keep, drop_mask,
+                    attentive=True)
+  full = MODEL.encoder.apply({'params': params['encoder']}, images)
+  np.testing.assert_allclose(out['attentive']['cls'], full['cls'], atol=1e-5)
+  np.testing.assert_allclose(
+      out['attentive']['patches'],
+      np.take_along_axis(full['patches'], ids_keep[..., None], axis=1),
+      atol=1e-5)
+  # The masked pass is the encoder's one pass with the mask token.
+  masked = MODEL.encoder.apply({'params': params['encoder']}, images, ids_keep,
+                               drop_mask, params['mask_pos_token'])
+  np.testing.assert_allclose(out['encoder']['tokens'], masked['tokens'],
+                             atol=1e-5)
+
+
+def test_attentive_dtype_defaults_per_backend():
+  assert droppos.attentive_dtype('auto', jnp.float32, 'tpu') == jnp.bfloat16
+  assert droppos.attentive_dtype('auto', jnp.float32, 'gpu') == jnp.bfloat16
+  assert droppos.attentive_dtype('auto', jnp.float32, 'cpu') == jnp.float32
+  assert droppos.attentive_dtype('float32', jnp.bfloat16, 'tpu') == jnp.float32
+  with pytest.raises(ValueError, match="attentive_dtype='half'"):
+    droppos.attentive_dtype('half', jnp.float32, 'cpu')
+  model = droppos.droppos_from_model_config(dict(
+      variant='mu/8', projector='tiny', dtype='float32', remat=False,
+      attentive_dtype='auto', attention='auto', projector_width=None,
+      projector_depth=None, projector_heads=None), platform='tpu')
+  assert model.attentive_dtype == jnp.bfloat16
+  assert model.encoder.dtype == jnp.float32
+
+
+def test_bfloat16_attentive_pass_keeps_weights_close(setup):
+  params, images = setup
+  ids_keep, drop_mask = pretrain.sample_masks(jax.random.key(6), 16, CFG)
+  weights = {}
+  for dtype in (None, jnp.bfloat16):
+    out = MODEL.clone(attentive_dtype=dtype).apply(
+        {'params': params}, images, ids_keep, drop_mask, attentive=True)
+    weights[dtype] = losses.attentive_weights(out['attentive']['cls'],
+                                              out['attentive']['patches'], 0.1)
+  assert out['attentive']['patches'].dtype == jnp.bfloat16
+  assert weights[jnp.bfloat16].dtype == jnp.float32
+  np.testing.assert_allclose(weights[jnp.bfloat16], weights[None], atol=0.02)
 
 
 def test_sharded_equals_single_device(setup):

@@ -105,7 +105,8 @@ def test_export_loads_into_the_torch_reference_and_computes_the_same(
       ours = w.vit().apply({'params': w.params['encoder']}, images)['tokens']
     elif kind == 'classifier':
       theirs = model(x).numpy()
-      ours = classifier.ViTClassifier(w.vit(), NUM_CLASSES).apply(
+      ours = classifier.ViTClassifier(w.vit(final_norm=False, pool='gap'),
+                                      NUM_CLASSES).apply(
           {'params': w.params}, images)
     else:
       theirs = model.head(model.forward_features(x)[:, 0]).numpy()

@@ -65,23 +65,32 @@ def test_negative_sigma_rejected():
     losses.smoothing_targets(GRID, -0.5)
 
 
-def test_attentive_weights_match_numpy():
+def test_attentive_weights_of_visible_patches_are_the_renormalised_full_map():
+  """The reference takes softmax(cos/tau) over all N patches, gathers the K
+  visible ones and renormalises; given the K visible features we must get
+  exactly that, and given all N the plain map."""
   rng = np.random.default_rng(0)
   cls, patches = rng.normal(size=(2, 8)), rng.normal(size=(2, 6, 8))
   ids = np.array([[4, 0, 2], [1, 5, 3]], np.int32)
   tau = 0.1
-  got = losses.attentive_weights(jnp.asarray(cls), jnp.asarray(patches), ids, tau)
-  expected = []
+  full, renormalised = [], []
   for b in range(2):
     cos = patches[b] @ cls[b] / np.linalg.norm(patches[b], axis=1) / np.linalg.norm(cls[b])
     a = np.exp(cos / tau) / np.exp(cos / tau).sum()
-    expected.append(a[ids[b]] / a[ids[b]].sum())
-  np.testing.assert_allclose(got, np.array(expected), rtol=1e-5)
-  g = jax.grad(lambda c: losses.attentive_weights(c, jnp.asarray(patches), ids,
-                                                  tau)[:, 0].sum())(jnp.asarray(cls))
+    full.append(a)
+    renormalised.append(a[ids[b]] / a[ids[b]].sum())
+  visible = jnp.asarray(np.take_along_axis(patches, ids[..., None], axis=1))
+  got = losses.attentive_weights(jnp.asarray(cls), visible, tau)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, np.array(renormalised), rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.attentive_weights(jnp.asarray(cls), jnp.asarray(patches), tau),
+      np.array(full), rtol=1e-5)
+  g = jax.grad(lambda c: losses.attentive_weights(c, visible, tau)[:, 0].sum())(
+      jnp.asarray(cls))
   np.testing.assert_array_equal(g, 0.)
   with pytest.raises(ValueError, match='tau=0'):
-    losses.attentive_weights(jnp.asarray(cls), jnp.asarray(patches), ids, 0)
+    losses.attentive_weights(jnp.asarray(cls), visible, 0)
 
 
 def _example():

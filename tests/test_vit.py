@@ -69,3 +69,87 @@ def test_drop_path_only_acts_in_training():
                   rngs={'dropout': jax.random.key(2)})['tokens']
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
+
+
+def test_patch_embed_is_the_patch_conv():
+  model = vit.vit_from_variant('mu/8')
+  images = jax.random.normal(jax.random.key(0), (2, 16, 32, 3))
+  params = model.init(jax.random.key(1), images)['params']
+  kernel, bias = params['patch_embed']['kernel'], params['patch_embed']['bias']
+  conv = jax.lax.conv_general_dilated(
+      images, kernel, (8, 8), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+  tokens, grid = model.apply({'params': params}, images,
+                             method=vit.VisionTransformer.embed_patches)
+  assert grid == (2, 4)
+  np.testing.assert_allclose(tokens, conv.reshape(2, 8, 32), atol=1e-5)
+
+
+@pytest.mark.parametrize('all_differentiated', [False, True])
+def test_shared_embedding_gradients(all_differentiated):
+  """(every patch, visible patches) embedded once: gradients equal plain
+  autodiff of embed-then-gather, whether or not the every-patch output is
+  differentiated (the attentive pass stops its gradient)."""
+  embed = vit.PatchEmbed(32, 8)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 32, 3))
+  params = embed.init(jax.random.key(1), images)['params']
+  ids = jnp.array([[5, 0, 7], [2, 3, 1]])
+  rng = np.random.default_rng(0)
+  ct_all, ct_vis = rng.normal(size=(2, 8, 32)), rng.normal(size=(2, 3, 32))
+
+  def objective(params, images, shared):
+    if shared:
+      every, visible = embed.apply({'params': params}, images, ids,
+                                   with_all=True)
+    else:
+      every = embed.apply({'params': params}, images)
+      visible = jnp.take_along_axis(every, ids[..., None], axis=1)
+    if not all_differentiated:
+      every = jax.lax.stop_gradient(every)
+    return (every * ct_all).sum() + (visible * ct_vis).sum()
+
+  want = jax.grad(objective, argnums=(0, 1))(params, images, False)
+  got = jax.jit(jax.grad(objective, argnums=(0, 1)), static_argnums=2)(
+      params, images, True)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_one_pass_with_dropped_pes_and_named_outputs():
+  model = vit.vit_from_variant('mu/8', pool='gap')
+  images = jax.random.normal(jax.random.key(0), (2, 16, 32, 3))
+  params = model.init(jax.random.key(1), images)['params']
+  ids = jnp.array([[5, 0, 7], [2, 3, 1]])
+  drop = jnp.array([[True, False, True], [False, False, True]])
+  run = jax.jit(lambda *a: model.apply({'params': params}, images, *a))
+  no_pe = run(ids, drop, None)
+  np.testing.assert_array_equal(no_pe['tokens'],
+                                run(ids, drop, jnp.zeros((1, 1, 32)))['tokens'])
+  assert not np.allclose(no_pe['tokens'], run(ids, drop, jnp.ones((1, 1, 32)))['tokens'])
+  # Nothing dropped and every patch in order: the plain full pass.
+  every = jnp.tile(jnp.arange(8), (2, 1))
+  full = run(None, None, None)
+  np.testing.assert_allclose(run(every, jnp.zeros((2, 8), bool), None)['tokens'],
+                             full['tokens'], atol=1e-5)
+  chex.assert_shape(no_pe['stem'], (2, 3, 32))
+  np.testing.assert_array_equal(full['pooled'], full['gap'])
+  np.testing.assert_allclose(full['gap'], full['patches'].mean(axis=1), atol=1e-6)
+  trunk = model.clone(final_norm=False)
+  trunk_params = {k: v for k, v in params.items() if k != 'norm'}
+  assert set(jax.eval_shape(trunk.init, jax.random.key(1), images)['params']) == set(
+      trunk_params)
+  out = trunk.apply({'params': trunk_params}, images)
+  np.testing.assert_array_equal(out['tokens'], out['blocks'])
+  np.testing.assert_allclose(out['blocks'], full['blocks'], atol=1e-5)
+  with pytest.raises(ValueError, match="pool='max'"):
+    vit.vit_from_variant('mu/8', pool='max').init(jax.random.key(1), images)
+
+
+def test_attention_implementation_per_backend():
+  impl = vit.attention_implementation
+  assert impl('auto', jnp.bfloat16, 'gpu') == 'cudnn'
+  assert impl('auto', jnp.float32, 'gpu') == 'xla'   # cuDNN has no f32 path
+  assert impl('auto', jnp.bfloat16, 'tpu') == 'xla'
+  assert impl('auto', jnp.float32, 'cpu') == 'xla'
+  assert impl('xla', jnp.bfloat16, 'gpu') == 'xla'
+  with pytest.raises(ValueError, match="attention='flash'"):
+    impl('flash', jnp.float32, 'cpu')

@@ -160,3 +160,59 @@ class DropPos(VisionTransformer):
     for blk in self.decoder_blocks:
       x = blk(x)
     return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+
+# ---------------------------------------------------------------- objective ---
+
+def smoothing_targets(grid_hw, sigma):
+  """[N, N] soft targets exp(-d^2/sigma^2) over the true h x w grid, each row
+  normalised (sigma > 0)."""
+  h, w = grid_hw
+  rows, cols = np.divmod(np.arange(h * w), w)
+  d2 = (rows[:, None] - rows[None])**2 + (cols[:, None] - cols[None])**2
+  t = np.exp(-d2 / sigma**2)
+  return torch.from_numpy((t / t.sum(axis=1, keepdims=True)).astype(np.float32))
+
+
+def sample_masks(batch, num_patches, num_visible, num_keep_pe, generator):
+  """ids_keep [B, K] (a random K of N patches, random order) and drop_mask
+  [B, K] (True: PE dropped) with exactly num_keep_pe PEs kept per sample."""
+  ids_keep = torch.rand(batch, num_patches, generator=generator).argsort(1)
+  ids_keep = ids_keep[:, :num_visible]
+  kept = torch.rand(batch, num_visible, generator=generator).argsort(1)
+  drop_mask = torch.ones(batch, num_visible, dtype=torch.bool)
+  drop_mask.scatter_(1, kept[:, :num_keep_pe], False)
+  return ids_keep, drop_mask
+
+
+def droppos_loss(model, imgs, ids_keep, drop_mask, targets, tau=0.1):
+  """The authors' objective, computed as they do: attentive weights from a
+  gradient-free forward of the whole image (softmax of cos(cls, patch)/tau
+  over all N patches, gathered at ids_keep, renormalised), then the
+  soft-target cross entropy of the PE-dropped tokens weighted over the batch.
+  Returns (loss, attentive weights [B, K])."""
+  with torch.no_grad():
+    feats = model.forward_features(imgs)
+    cos = torch.nn.functional.cosine_similarity(feats[:, :1], feats[:, 1:],
+                                                dim=-1)
+    attn = torch.gather((cos / tau).softmax(dim=-1), 1, ids_keep)
+    attn = attn / attn.sum(dim=1, keepdim=True)
+  logits = model(imgs, ids_keep, drop_mask)
+  ce = -(targets[ids_keep] * logits.log_softmax(dim=-1)).sum(dim=-1)
+  w = drop_mask.float() * attn
+  return (w * ce).sum() / w.sum(), attn
+
+
+def clip_per_tensor_(grads, max_norm):
+  """Scales each gradient tensor whose L2 norm exceeds max_norm down to it."""
+  norms = torch._foreach_norm(grads)
+  torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.)
+                              for n in norms])
+
+
+def decay_groups(model, weight_decay):
+  """AdamW parameter groups as MAE's: no decay on 1-D tensors (biases, norms)."""
+  params = [p for p in model.parameters() if p.requires_grad]
+  return [{'params': [p for p in params if p.ndim > 1],
+           'weight_decay': weight_decay},
+          {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.}]

@@ -71,27 +71,17 @@ def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
       w.image_hw, w.description)
 
 
-def _dropped_pe_features(module: vit.VisionTransformer, images, ids_keep,
-                         drop_mask, mask_pos_token):
-  """Final-LN features [B, K, D] of the visible tokens, PEs dropped as in
-  DropPos.__call__; `mask_pos_token` None means no PE for dropped tokens."""
-  x, grid = module.embed_patches(images)
-  x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
-  pos = jnp.take(module.posemb(grid), ids_keep, axis=0)
-  fill = 0. if mask_pos_token is None else mask_pos_token.astype(pos.dtype)
-  pos = jnp.where(drop_mask[..., None], fill, pos)
-  return module.encode(x + pos.astype(x.dtype))[:, 1:].astype(jnp.float32)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _sample_and_encode(encoder, mask_ratio, pos_drop_ratio, params, token,
                        images, key):
+  """Final-LN features [B, K, D] of the visible tokens, PEs dropped as in
+  DropPos pre-training (vit.VisionTransformer's one encoder pass); `token`
+  None means no PE for dropped tokens. Also returns the masks."""
   grid = vit.grid_size(images.shape[1:3], encoder.patch_size)
   ids_keep, drop_mask = masking.sample_masks(
       key, images.shape[0], grid[0] * grid[1], mask_ratio, pos_drop_ratio)
-  feats = encoder.apply({'params': params}, images, ids_keep, drop_mask, token,
-                        method=_dropped_pe_features)
-  return feats, ids_keep, drop_mask
+  out = encoder.apply({'params': params}, images, ids_keep, drop_mask, token)
+  return out['patches'].astype(jnp.float32), ids_keep, drop_mask
 
 
 def extract_dropped_tokens(frozen: FrozenEncoder, batches: Iterable[dict], *,

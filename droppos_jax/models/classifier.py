@@ -1,12 +1,17 @@
 """Classification heads on a ViT encoder for the evaluation protocols (spec §7).
 
-`ViTClassifier` is MAE's global-pool fine-tuning model: the blocks' patch
-tokens (not [cls]) are averaged, then `fc_norm` (LayerNorm) and `head`. It has
-no final `norm`, so its tree {'encoder', 'fc_norm', 'head'} is exactly what
-`convert.torch_to_flax(kind='classifier')` makes of a fine-tuned PyTorch file.
+`ViTClassifier` is MAE's global-pool fine-tuning model: an encoder without a
+final norm that pools the mean of its patch tokens (not [cls]), then `fc_norm`
+(LayerNorm) and `head`. Its tree {'encoder', 'fc_norm', 'head'} is exactly
+what `convert.torch_to_flax(kind='classifier')` makes of a fine-tuned PyTorch
+file.
 
-`LinearProbe` is MAE's linear-probing model: a frozen encoder (features after
-the final norm, [cls] or patch mean) -> BatchNorm without affine -> `head`.
+`LinearProbe` is MAE's linear-probing model: a frozen encoder (its pooled
+feature after the final norm: [cls] or patch mean) -> BatchNorm without
+affine -> `head`.
+
+Which tokens are pooled and whether there is a final norm are fields of the
+encoder (`pool`, `final_norm`); both models read its 'pooled' output.
 """
 from __future__ import annotations
 
@@ -18,33 +23,30 @@ import jax.numpy as jnp
 
 from droppos_jax.models import vit
 
-PROBE_FEATURES = ('cls', 'gap')
+PROBE_FEATURES = vit.POOLS
 
 
 class ViTClassifier(nn.Module):
-  """Fine-tuning model: GAP of patch tokens -> fc_norm -> head (std 2e-5).
+  """Fine-tuning model: encoder 'pooled' -> fc_norm -> head (std 2e-5).
 
-  Drop-path and compute dtype come from `encoder`; logits are float32.
+  Built by classifier_from_variant as MAE's (no final norm, GAP); drop-path
+  and compute dtype come from `encoder`; logits are float32.
   """
   encoder: vit.VisionTransformer
   num_classes: int
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    enc = self.encoder
-    x, grid = enc.embed_patches(images)
-    x = enc.encode(x + enc.posemb(grid).astype(x.dtype), train=train,
-                   final_norm=False)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=enc.dtype, name='fc_norm')(
-        x[:, 1:].mean(axis=1))
-    logits = nn.Dense(self.num_classes, dtype=enc.dtype,
+    x = self.encoder(images, train=train)['pooled']
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.encoder.dtype, name='fc_norm')(x)
+    logits = nn.Dense(self.num_classes, dtype=self.encoder.dtype,
                       kernel_init=nn.initializers.normal(2e-5),
                       name='head')(x)
     return logits.astype(jnp.float32)
 
 
 class LinearProbe(nn.Module):
-  """Frozen encoder feature -> BatchNorm (no affine) -> head (std 0.01).
+  """Frozen encoder 'pooled' -> BatchNorm (no affine) -> head (std 0.01).
 
   The encoder always runs in inference mode under stop_gradient; the trainer
   also keeps it out of the optimizer. BatchNorm statistics live in the
@@ -52,14 +54,10 @@ class LinearProbe(nn.Module):
   """
   encoder: vit.VisionTransformer
   num_classes: int
-  feature: str = 'cls'
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    if self.feature not in PROBE_FEATURES:
-      raise ValueError(f'Probe feature {self.feature!r}; valid: '
-                       f'{PROBE_FEATURES}.')
-    x = jax.lax.stop_gradient(self.encoder(images, train=False)[self.feature])
+    x = jax.lax.stop_gradient(self.encoder(images, train=False)['pooled'])
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6,
                      use_scale=False, use_bias=False, name='head_norm')(
                          x.astype(jnp.float32))
@@ -71,8 +69,8 @@ def classifier_from_variant(variant: str, num_classes: int, *,
                             drop_path_rate: float = 0., dtype: Any = jnp.float32,
                             remat: bool = False) -> ViTClassifier:
   return ViTClassifier(vit.vit_from_variant(
-      variant, drop_path_rate=drop_path_rate, dtype=dtype, remat=remat),
-                       num_classes)
+      variant, drop_path_rate=drop_path_rate, dtype=dtype, remat=remat,
+      final_norm=False, pool='gap'), num_classes)
 
 
 def linear_probe_from_variant(variant: str, num_classes: int, *,
@@ -80,5 +78,5 @@ def linear_probe_from_variant(variant: str, num_classes: int, *,
                               ) -> LinearProbe:
   if feature not in PROBE_FEATURES:
     raise ValueError(f'Probe feature {feature!r}; valid: {PROBE_FEATURES}.')
-  return LinearProbe(vit.vit_from_variant(variant, dtype=dtype), num_classes,
-                     feature)
+  return LinearProbe(vit.vit_from_variant(variant, dtype=dtype, pool=feature),
+                     num_classes)

@@ -550,12 +550,7 @@ def abstract_params(kind: str, config: Mapping[str, Any]):
   if kind == 'encoder':
     return jax.eval_shape(encoder.init, rng, images)['params']
   if kind == 'classifier':
-    def trunk(module, x):  # embedding and blocks only: no final norm
-      x, _ = module.embed_patches(x)
-      for blk in module.blocks:
-        x = blk(x)
-      return x
-    enc = jax.eval_shape(lambda x: encoder.init(rng, x, method=trunk), images)
+    enc = jax.eval_shape(encoder.clone(final_norm=False).init, rng, images)
     d, k = c['width'], c['num_classes']
     s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     return {'encoder': enc['params'], 'fc_norm': {'scale': s(d), 'bias': s(d)},
