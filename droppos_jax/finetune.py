@@ -155,8 +155,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
       sums = jax.device_get(sums)
       n = max(float(sums['count']), 1.)
-      return {'acc1': sums['correct1'] / n, 'acc5': sums['correct5'] / n,
-              'loss': sums['loss_sum'] / n, 'count': float(sums['count'])}
+      return {'acc1': float(sums['correct1'] / n),
+              'acc5': float(sums['correct5'] / n),
+              'loss': float(sums['loss_sum'] / n), 'count': float(sums['count'])}
 
     # ------------------------------------------------------------------ loop
     make_logger = lambda prefix: run.enter_context(metric_logging.MetricLogger(

@@ -8,6 +8,7 @@ training time only: the clock is paused for compilation and evaluation.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -18,6 +19,7 @@ from clu import metric_writers
 from etils import epath
 import jax
 import numpy as np
+import tensorflow as tf  # clu's writer imports it anyway
 
 from droppos_jax.errors import UserError
 
@@ -38,6 +40,23 @@ def format_duration(seconds: float) -> str:
     return '?'
   seconds = int(seconds)
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def _tensorboard_writer(workdir: epath.Path):
+  """clu's TensorBoard writer, or None (with a warning) where TensorFlow has
+  no file system for the workdir's scheme (it has local paths and gs://)."""
+  try:
+    return metric_writers.SummaryWriter(str(workdir))
+  except tf.errors.UnimplementedError as e:
+    _warn_once(f'No TensorBoard events in {workdir}: '
+               f'{str(e).split("(")[0].strip()}. The metrics are in the '
+               '*_metrics.jsonl logs.')
+    return None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  logging.warning(message)
 
 
 def brief(metrics: dict[str, float], fields) -> str:
@@ -69,8 +88,7 @@ class MetricLogger:
     self.peak_tflops = peak_tflops
     self.last: dict[str, float] = {}
     workdir = epath.Path(workdir)
-    self._writer = (metric_writers.SummaryWriter(str(workdir)) if is_main
-                    else None)
+    self._writer = _tensorboard_writer(workdir) if is_main else None
     self._jsonl = ((workdir / f'{prefix}_metrics.jsonl').open('a') if is_main
                    else None)
     self._sums: dict[str, float] = {}
@@ -119,9 +137,10 @@ class MetricLogger:
     means['epoch'] = step / self.steps_per_epoch
     self.last = means
     if self.is_main:
-      self._writer.write_scalars(step, {f'{self.prefix}/{k}': v
-                                        for k, v in means.items()})
-      self._writer.flush()
+      if self._writer:
+        self._writer.write_scalars(step, {f'{self.prefix}/{k}': v
+                                          for k, v in means.items()})
+        self._writer.flush()
       self._jsonl.write(json.dumps({'step': step, **means}) + '\n')
       self._jsonl.flush()
     parts = [f'{label} {format(means[key], fmt)}'
@@ -141,7 +160,8 @@ class MetricLogger:
 
   def close(self) -> None:
     if self.is_main:
-      self._writer.close()
+      if self._writer:
+        self._writer.close()
       self._jsonl.close()
 
   def __enter__(self) -> 'MetricLogger':

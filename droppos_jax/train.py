@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 from clu import periodic_actions
@@ -65,10 +65,11 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, num_examples: int,
-          mesh: jax.sharding.Mesh) -> Setup:
-  """Validates the config and builds the step exactly as training runs it."""
+          mesh: jax.sharding.Mesh, platform: Optional[str] = None) -> Setup:
+  """Validates the config and builds the step exactly as training runs it
+  on `platform` (default: this machine's; the planner passes 'tpu')."""
   objective = objective_config(config)
-  model = droppos_model.droppos_from_model_config(config.model)
+  model = droppos_model.droppos_from_model_config(config.model, platform)
   if config.grad_accum_steps < 1:
     raise UserError(f'grad_accum_steps={config.grad_accum_steps} must be >= 1.')
   sharding.check_batch_divides(config.batch_size, mesh)

@@ -39,7 +39,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def compute_dtype(name: str) -> Any:
   if name not in DTYPES:
-    raise ValueError(f'model.dtype={name!r}; valid: {sorted(DTYPES)}.')
+    raise UserError(f'model.dtype={name!r}; valid: {sorted(DTYPES)}.')
   return DTYPES[name]
 
 
@@ -56,12 +56,12 @@ def decode_variant(variant: str) -> ViTSize:
   """'B/16' -> ViTSize(768, 12, 3072, 12, 16); raises on unknown names."""
   match = re.fullmatch(r'([A-Za-z]+)/(\d+)', str(variant))
   if not match or match.group(1) not in VARIANTS:
-    raise ValueError(
+    raise UserError(
         f'Unknown ViT variant {variant!r}; expected "<size>/<patch>" with size '
         f'in {sorted(VARIANTS)} and a positive patch size, e.g. "B/16".')
   patch = int(match.group(2))
   if patch <= 0:
-    raise ValueError(f'Patch size in variant {variant!r} must be positive.')
+    raise UserError(f'Patch size in variant {variant!r} must be positive.')
   return ViTSize(*VARIANTS[match.group(1)], patch_size=patch)
 
 
@@ -69,7 +69,7 @@ def grid_size(image_hw: Sequence[int], patch_size: int) -> tuple[int, int]:
   """Patch grid (h, w) for an image; the patch must divide both sides."""
   h, w = int(image_hw[0]), int(image_hw[1])
   if patch_size <= 0 or h % patch_size or w % patch_size:
-    raise ValueError(
+    raise UserError(
         f'Patch size {patch_size} must divide the image size {h}x{w}; valid '
         f'patch sizes are the common divisors of {h} and {w}.')
   return h // patch_size, w // patch_size
@@ -84,7 +84,7 @@ def posemb_sincos_2d(h: int, w: int, dim: int,
   Computed in float64 (as MAE does) and returned as float32.
   """
   if dim % 4:
-    raise ValueError(f'Embedding width {dim} must be divisible by 4 for the '
+    raise UserError(f'Embedding width {dim} must be divisible by 4 for the '
                      '2-D sin-cos position embedding.')
   quarter = dim // 4
   omega = 1. / temperature**(np.arange(quarter, dtype=np.float64) / quarter)
