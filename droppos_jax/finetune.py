@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from droppos_jax import checkpoint, classification, finetune_data, input_pipeline
+from droppos_jax import checkpoint, classification
 from droppos_jax import launch, metric_logging, optim, run_policy, sharding
+from droppos_jax.data import device, sources, transforms
 from droppos_jax.errors import UserError
 from droppos_jax.models import vit
 
@@ -55,11 +56,19 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   vit.grid_size(hw, patch)
   if config.eval_every_epochs < 1:
     raise UserError(f'eval_every_epochs={config.eval_every_epochs} must be >= 1.')
-  input_pipeline.validate_data_config(config.data)
-  input_pipeline.validate_data_config(config.val_data)
-  finetune_data.validate_augment_config(config.augment)
+  source = sources.open_source(config.data)
+  val_source = sources.open_source(config.val_data)
+  for what, s in (('data', source), ('val_data', val_source)):
+    if s.num_classes is None:
+      raise UserError(f'{what}: {s.description} has no class labels to '
+                      f'{"train" if what == "data" else "evaluate"} a '
+                      'classifier on.')
+  augment = transforms.finetune_augment(config.augment)
   check_mix_config(config.mix)
-  num_classes = config.num_classes or finetune_data.num_classes(config.data)
+  num_classes = config.num_classes or source.num_classes
+  if num_classes < source.num_classes:
+    raise UserError(f'num_classes={num_classes} is fewer than the '
+                    f'{source.num_classes} classes of {source.description}.')
   if num_classes < 2:
     raise UserError(f'{num_classes} class(es): a classifier needs >= 2 (set '
                     'num_classes or use a folder with a subfolder per class).')
@@ -68,7 +77,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_divides(config.batch_size, mesh)
   sharding.check_batch_divides(config.eval_batch_size, mesh, 'eval_batch_size')
   steps_per_epoch, total_steps, warmup_steps = launch.schedule_lengths(
-      config, input_pipeline.num_train_examples(config.data))
+      config, source.size)
   if not config.optim.blr > 0:
     raise UserError(f'optim.blr={config.optim.blr} must be > 0.')
   peak_lr = config.optim.blr * config.batch_size / 256
@@ -123,14 +132,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
               'stopped': None, 'complete': True}
 
     # ------------------------------------------------------------------ data
-    local_batch = config.batch_size // jax.process_count()
     batch_sh = sharding.batch_sharding(mesh)
-    batches = input_pipeline.global_batches(
-        finetune_data.make_train_iterator(
-            config.data, config.augment, image_size=hw,
-            local_batch_size=local_batch, seed=config.seed, start_step=start,
-            process_index=jax.process_index(),
-            process_count=jax.process_count()), batch_sh)
+    batches = device.train_batches(
+        source, augment, image_hw=hw, batch_size=config.batch_size,
+        seed=config.seed, start_step=start, mesh=mesh)
 
     # -------------------------------------------------------------- step fns
     train_step = jax.jit(
@@ -145,12 +150,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     def evaluate(state):
       """Top-1/top-5 and loss over the whole validation split."""
       sums = None
-      for batch in input_pipeline.global_batches(
-          input_pipeline.make_eval_iterator(
-              config.val_data, image_size=hw,
-              local_batch_size=config.eval_batch_size // jax.process_count(),
-              process_index=jax.process_index(),
-              process_count=jax.process_count()), batch_sh):
+      for batch in device.eval_batches(
+          val_source, image_hw=hw, batch_size=config.eval_batch_size,
+          num_examples=-1, mesh=mesh):
         out = eval_step(state, batch)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
       sums = jax.device_get(sums)

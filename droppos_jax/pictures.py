@@ -18,9 +18,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from droppos_jax import input_pipeline, losses, masking, sharding
+from droppos_jax import losses, masking, sharding
+from droppos_jax.data import device, sources
 from droppos_jax.errors import UserError
-from droppos_jax.evaluators import eval_batches
 from droppos_jax.models import droppos as droppos_model
 from droppos_jax.models import weights
 
@@ -67,8 +67,8 @@ def predict(model: droppos_model.DropPos, params, images, ids_keep, drop_mask,
 
 def denormalize(images) -> np.ndarray:
   """Normalised model inputs -> RGB in [0, 1] for display."""
-  rgb = (np.asarray(images) * np.asarray(input_pipeline.STDDEV_RGB) +
-         np.asarray(input_pipeline.MEAN_RGB)) / 255.
+  rgb = (np.asarray(images) * np.asarray(device.STDDEV_RGB) +
+         np.asarray(device.MEAN_RGB)) / 255.
   return np.clip(rgb, 0., 1.)
 
 
@@ -154,7 +154,7 @@ def visualize_checkpoint(path: str, output: str, *, data_cfg, num_images: int,
   pos_drop_ratio = (objective['pos_drop_ratio'] if pos_drop_ratio is None
                     else pos_drop_ratio)
   hw = w.image_hw
-  batch = next(eval_batches(data_cfg, image_hw=hw, batch_size=num_images,
+  batch = next(device.eval_batches(sources.open_source(data_cfg), image_hw=hw, batch_size=num_images,
                             num_examples=num_images,
                             mesh=sharding.make_mesh(num_devices=1)))
   n = model.encoder.patch_size

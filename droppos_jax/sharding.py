@@ -103,7 +103,9 @@ def local_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
       (global_batch,)).values():
     rows.update(range(*index[0].indices(global_batch)))
   start, stop = min(rows), max(rows) + 1
-  assert len(rows) == stop - start, 'local rows are not contiguous'
+  if len(rows) != stop - start:
+    raise ValueError(f'This process holds {len(rows)} rows of the batch in '
+                     f'[{start}, {stop}), not one contiguous block.')
   return start, stop
 
 

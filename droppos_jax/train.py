@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from droppos_jax import checkpoint, hardware, input_pipeline, launch
+from droppos_jax import checkpoint, hardware, launch
 from droppos_jax import metric_logging, optim, pretrain, run_policy, sharding
+from droppos_jax.data import device, sources, transforms
 from droppos_jax.errors import UserError
 from droppos_jax.evaluators import online
 from droppos_jax.losses import make_sigma_schedule
@@ -156,9 +157,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # ------------------------------------------------------------------ checks
   # Everything a user can get wrong is checked here, before anything is
   # written or compiled.
-  input_pipeline.validate_data_config(config.data)
+  source = sources.open_source(config.data)
   mesh = sharding.make_mesh(config.mesh, config.num_devices)
-  s = setup(config, input_pipeline.num_train_examples(config.data), mesh)
+  s = setup(config, source.size, mesh)
   evaluator = online.OnlineEvaluator(config.eval, model=s.model,
                                      obj_cfg=s.objective, mesh=mesh)
   model_id = {'model': config.model.to_dict(), 'image_hw': list(s.objective.image_hw)}
@@ -188,14 +189,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
               'stopped': None, 'complete': True, 'metrics': metrics}
 
     # ------------------------------------------------------------------ data
-    batch_sh = sharding.batch_sharding(mesh)
-    local_batch = config.batch_size // jax.process_count()
-    batches = input_pipeline.global_batches(
-        input_pipeline.make_pretrain_iterator(
-            config.data, image_size=s.objective.image_hw,
-            local_batch_size=local_batch, seed=config.seed, start_step=start,
-            process_index=jax.process_index(),
-            process_count=jax.process_count()), batch_sh)
+    batches = device.train_batches(
+        source, transforms.PRETRAIN, image_hw=s.objective.image_hw,
+        batch_size=config.batch_size, seed=config.seed, start_step=start,
+        mesh=mesh)
 
     # --------------------------------------------------------------- step fn
     t0 = time.perf_counter()

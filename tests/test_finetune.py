@@ -7,7 +7,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from droppos_jax import finetune
 from droppos_jax.errors import UserError
@@ -15,7 +14,8 @@ from droppos_jax import train
 from droppos_jax.configs import finetune as finetune_config
 from droppos_jax.configs import linear_probe as probe_config
 from droppos_jax.configs import pretrain as pretrain_config
-from droppos_jax import augment, classification, finetune_data
+from droppos_jax import classification
+from droppos_jax.data import sources, streams, transforms
 from droppos_jax.models import convert, weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,35 +154,21 @@ def test_configs_load():
     finetune_config.get_config('epochs=3')
 
 
-def test_train_stream_is_reproducible_and_resumable():
+def test_finetune_stream_is_reproducible_and_resumable():
+  """RandAugment and erasing draws are keyed by the example's position."""
   c = tiny()
-  kw = dict(image_size=32, local_batch_size=8, seed=0)
+  source = sources.open_source(c.data)
+  augment = transforms.finetune_augment(c.augment)
+  stream = lambda start: streams.train_stream(
+      source, augment, image_size=32, global_batch_size=8, seed=0,
+      start_step=start)
   take = lambda it, n: [next(it) for _ in range(n)]
-  full = take(finetune_data.make_train_iterator(c.data, c.augment, **kw), 5)
-  again = take(finetune_data.make_train_iterator(c.data, c.augment,
-                                                 start_step=3, **kw), 2)
+  full, again = take(stream(0), 5), take(stream(3), 2)
   for x, y in zip(full[3:], again):
-    np.testing.assert_array_equal(x['image'], y['image'])
-    np.testing.assert_array_equal(x['label'], y['label'])
+    for k in ('image', 'label', 'erase'):
+      np.testing.assert_array_equal(x[k], y[k])
   assert full[0]['image'].shape == (8, 32, 32, 3)
-  assert full[0]['label'].max() < 16
-
-
-def test_rand_augment_and_erasing():
-  image = tf.constant(np.random.default_rng(0).integers(
-      0, 256, (24, 24, 3)), tf.uint8)
-  key = tf.constant([1, 2], tf.int64)
-  for i in range(len(augment.OPS)):
-    out = augment._apply_op(tf, tf.constant(i), image, tf.constant(9.),
-                            tf.constant(1.))
-    assert out.shape == (24, 24, 3) and out.dtype == tf.uint8, augment.OPS[i]
-  a = augment.rand_augment(tf, image, key)
-  np.testing.assert_array_equal(a, augment.rand_augment(tf, image, key))
-  x = tf.zeros((24, 24, 3))
-  erased = [np.mean(augment.random_erasing(
-      tf, x, tf.constant([k, 0], tf.int64), 1.).numpy() != 0) for k in range(8)]
-  assert all(0.02 * 0.5 <= e <= 1 / 3 + 0.05 for e in erased), erased
-  np.testing.assert_array_equal(augment.random_erasing(tf, x, key, 0.), x)
+  assert full[0]['erase'].shape == (8, 5) and full[0]['label'].max() < 16
 
 
 def test_command_line_reports_bad_input_without_traceback(tmp_path):

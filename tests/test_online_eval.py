@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from droppos_jax import demo_data, pretrain, sharding
+from droppos_jax import pretrain, sharding
+from droppos_jax.data import demo
 from droppos_jax.configs import common
 from droppos_jax.evaluators import online
 from droppos_jax.models import droppos as droppos_model
@@ -101,7 +102,7 @@ def test_metrics_in_range_compiled_once_and_exact(monkeypatch):
   np.testing.assert_allclose(metrics['heldout_pos_acc_weighted'], want['acc1'],
                              rtol=1e-5)
   np.testing.assert_array_equal(real('label'),
-                                np.arange(20) % len(demo_data.CLASS_NAMES))
+                                np.arange(20) % len(demo.CLASS_NAMES))
 
 
 def test_disabled_and_bad_configs():

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import fakefs
-from droppos_jax import finetune, input_pipeline, train
+from droppos_jax import finetune, train
+from droppos_jax.data import device
 from droppos_jax.configs import finetune as finetune_config
 from droppos_jax.configs import pretrain as pretrain_config
 
@@ -35,7 +36,7 @@ def pretrain_config_(steps):
 def test_pretrain_resume_and_finetune_on_a_remote_scheme(store, monkeypatch,
                                                          caplog):
   workdir = 'fake://bucket/pre'
-  original = input_pipeline.global_batches
+  original = device.global_batches
 
   def preempted_after_3(iterator, sharding, **kwargs):
     for i, batch in enumerate(original(iterator, sharding, **kwargs)):
@@ -44,7 +45,7 @@ def test_pretrain_resume_and_finetune_on_a_remote_scheme(store, monkeypatch,
       yield batch
 
   with monkeypatch.context() as m:
-    m.setattr(input_pipeline, 'global_batches', preempted_after_3)
+    m.setattr(device, 'global_batches', preempted_after_3)
     first = train.train(pretrain_config_(6), workdir)
   assert first['stopped'] == 'preempted' and first['last_step'] == 4
   assert 'No TensorBoard events in fake://bucket/pre' in caplog.text

@@ -12,7 +12,7 @@ import pytest
 
 from droppos_jax import train
 from droppos_jax.configs import pretrain as pretrain_config
-from droppos_jax import demo_data, input_pipeline
+from droppos_jax.data import demo, device
 from droppos_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def image_dir(tmp_path_factory):
   """64 real-photo PNGs in class folders, read through tf.data."""
-  return demo_data.write_image_folder(
+  return demo.write_image_folder(
       str(tmp_path_factory.mktemp('images')), num_images=64, crop_size=48)
 
 
@@ -85,7 +85,7 @@ def test_gradient_accumulation_matches_full_batch(image_dir, tmp_path):
 
 def sigterm_after(monkeypatch, num_batches):
   """Makes the data stream deliver SIGTERM (a preemption) after N batches."""
-  original = input_pipeline.global_batches
+  original = device.global_batches
 
   def wrapped(iterator, sharding, **kwargs):
     for i, batch in enumerate(original(iterator, sharding, **kwargs)):
@@ -93,7 +93,7 @@ def sigterm_after(monkeypatch, num_batches):
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'global_batches', wrapped)
+  monkeypatch.setattr(device, 'global_batches', wrapped)
 
 
 def test_preempt_resume_matches_uninterrupted_and_restores_on_one_device(
@@ -120,7 +120,7 @@ def test_preempt_resume_matches_uninterrupted_and_restores_on_one_device(
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     image_dir, tmp_path, monkeypatch):
-  original = input_pipeline.global_batches
+  original = device.global_batches
 
   def poisoned(iterator, sharding, **kwargs):
     for i, batch in enumerate(original(iterator, sharding, **kwargs)):
@@ -128,7 +128,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
         batch = dict(batch, image=batch['image'] * np.nan)
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'global_batches', poisoned)
+  monkeypatch.setattr(device, 'global_batches', poisoned)
   with pytest.raises(UserError, match='at step 5.*last good checkpoint is step 3'):
     train.train(tiny_config(image_dir, num_train_steps=8), str(tmp_path))
   steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints')

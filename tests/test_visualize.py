@@ -10,6 +10,7 @@ from PIL import Image
 import pytest
 
 from droppos_jax import checkpoint
+from droppos_jax.data import device
 from droppos_jax.errors import UserError
 from droppos_jax import pictures as visualize
 from droppos_jax.models import droppos as droppos_model
@@ -34,8 +35,8 @@ def test_render_writes_png_of_expected_size(tmp_path):
 
 def test_denormalize_inverts_the_input_normalisation():
   rgb = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3))
-  normalised = (rgb - np.array(visualize.input_pipeline.MEAN_RGB)) / np.array(
-      visualize.input_pipeline.STDDEV_RGB)
+  normalised = (rgb - np.array(device.MEAN_RGB)) / np.array(
+      device.STDDEV_RGB)
   np.testing.assert_allclose(visualize.denormalize(normalised), rgb / 255.,
                              atol=1e-6)
 

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from droppos_jax import pretrain
-from droppos_jax.evaluators import eval_batches
+from droppos_jax.data import device, sources
 from droppos_jax.models import droppos as droppos_model
 
 FEATURES = ('cls', 'gap')
@@ -112,8 +112,8 @@ class OnlineEvaluator:
     if not self.enabled:
       return
     start = time.perf_counter()
-    load = lambda data, num: list(eval_batches(
-        data, image_hw=obj_cfg.image_hw, batch_size=c.batch_size,
+    load = lambda data, num: list(device.eval_batches(
+        sources.open_source(data), image_hw=obj_cfg.image_hw, batch_size=c.batch_size,
         num_examples=num, mesh=mesh))
     self._bank = load(c.bank_data, c.num_bank_examples)
     self._queries = load(c.query_data, c.num_query_examples)

@@ -27,7 +27,7 @@ import optax
 from matplotlib.figure import Figure
 
 from droppos_jax import masking
-from droppos_jax.evaluators import eval_batches
+from droppos_jax.data import device, sources
 from droppos_jax.losses import grid_coords
 from droppos_jax.models import vit, weights
 
@@ -213,8 +213,8 @@ def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
 
   def tokens(data_cfg, num_examples, stream):
     return extract_dropped_tokens(
-        frozen, eval_batches(
-            data_cfg, image_hw=hw, batch_size=config.batch_size,
+        frozen, device.eval_batches(
+            sources.open_source(data_cfg), image_hw=hw, batch_size=config.batch_size,
             num_examples=num_examples, mesh=mesh),
         mask_ratio=config.mask_ratio, pos_drop_ratio=config.pos_drop_ratio,
         draws=config.mask_draws, key=jax.random.fold_in(key, stream),

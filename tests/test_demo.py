@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from droppos_jax import demo_data
+from droppos_jax.data import demo as demo_data
 
 
 def test_shapes_labels_and_determinism():
@@ -68,7 +68,7 @@ def test_write_image_folder_round_trips(tmp_path):
 
 
 def test_does_not_import_tensorflow():
-  code = ('import sys; import droppos_jax.demo_data as d; '
+  code = ('import sys; import droppos_jax.data.demo as d; '
           'd.load_demo_images(4, crop_size=8); '
           'assert "tensorflow" not in sys.modules')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

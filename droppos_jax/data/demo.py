@@ -11,10 +11,13 @@ No TensorFlow here: the input pipeline wraps these arrays itself.
 from __future__ import annotations
 
 import functools
-import os
+import io
 
+from etils import epath
 import numpy as np
 from PIL import Image
+
+from droppos_jax.errors import UserError
 
 # Sorted, so that a class's index is also its rank among the folder names
 # `write_image_folder` creates (the folder source labels classes that way).
@@ -55,13 +58,13 @@ def check_args(split: str = 'train', num_images: int | None = None,
                crop_size: int = 96) -> int:
   """Validates the arguments cheaply (no photo is read); returns the size."""
   if split not in DEFAULT_NUM_IMAGES:
-    raise ValueError(f'Unknown demo split {split!r}; valid splits are '
+    raise UserError(f'Unknown demo split {split!r}; valid splits are '
                      f'{sorted(DEFAULT_NUM_IMAGES)}.')
   num_images = DEFAULT_NUM_IMAGES[split] if num_images is None else num_images
   if int(num_images) < 1:
-    raise ValueError(f'Demo num_images must be >= 1, got {num_images}.')
+    raise UserError(f'Demo num_images must be >= 1, got {num_images}.')
   if int(crop_size) < 1:
-    raise ValueError(f'Demo crop_size must be >= 1, got {crop_size}.')
+    raise UserError(f'Demo crop_size must be >= 1, got {crop_size}.')
   return int(num_images)
 
 
@@ -96,7 +99,9 @@ def write_image_folder(directory: str, **kwargs) -> str:
   """
   images, labels, names = load_demo_images(**kwargs)
   for i, (image, label) in enumerate(zip(images, labels)):
-    class_dir = os.path.join(directory, names[label])
-    os.makedirs(class_dir, exist_ok=True)
-    Image.fromarray(image).save(os.path.join(class_dir, f'{i:05d}.png'))
+    class_dir = epath.Path(directory) / names[label]
+    class_dir.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format='PNG')
+    (class_dir / f'{i:05d}.png').write_bytes(png.getvalue())
   return directory

@@ -1,0 +1,240 @@
+"""Data sources: a data config opened and validated once.
+
+`open_source(cfg)` lists a folder, checks a demo config or opens a prepared
+TFDS dataset, and returns a `Source` that knows its size, labels and how it
+can be read, so that step counting, the streams, fine-tuning's class count
+and the evaluators never list or open anything again.
+
+How a source can be read decides what its stream guarantees (streams.py):
+- folder, demo and TFDS prepared as ArrayRecord are read by index: each
+  epoch is a fresh global permutation, the same on any host count, and a
+  resume starts at once.
+- TFDS prepared as TFRecord (the TFDS default) is read file by file; `note`
+  says what it gives instead, and the trainers log it.
+
+No TensorFlow here, so validating a folder or demo config stays cheap; TFDS
+sources import tensorflow_datasets (which itself does not import TF).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+from etils import epath
+import numpy as np
+
+from droppos_jax.data import demo
+from droppos_jax.errors import UserError
+
+SOURCES = ('demo', 'folder', 'tfds')
+IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.webp')
+RANDOM_ACCESS_NOTE = ('random access: a fresh global permutation every epoch, '
+                      'the same batches on any host count, resume at once')
+TFRECORD_NOTE = (
+    'TFRecord: file order reshuffled every epoch, {cycle} files interleaved, '
+    'records shuffled in windows of {window}; the order depends on the host '
+    'count; resume skips whole files and reads (not decodes) at most one '
+    'round of {cycle} files. For a global order on any host count, prepare '
+    'the dataset with `tfds build --file_format=array_record`.')
+# TFRecord reading: files interleaved per round, records shuffled per window.
+TFRECORD_CYCLE = 4
+TFRECORD_WINDOW = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordFile:
+  """A TFRecord file of a split: records [skip, skip + take) belong to it."""
+  path: str
+  skip: int
+  take: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """An opened source. Sizes and labels are known without reading a record.
+
+  payload: what a record gives the decoder: 'path' (an image file to read),
+    'pixels' (a uint8 [S, S, 3] image) or 'record' (a serialized TFDS
+    example; `parse` turns it into (encoded image, label) inside tf.data).
+  read: indices -> payloads (numpy), for random-access sources; None for
+    TFRecord sources, which list `files` instead.
+  labels: int32 [size] when known up front (folder, demo); None when they
+    come out of `parse`.
+  num_classes: None for unlabelled data.
+  note: what order and resume this source gives, one line for the log.
+  """
+  description: str
+  size: int
+  num_classes: int | None
+  payload: str
+  note: str
+  read: Callable[[np.ndarray], np.ndarray] | None = None
+  labels: np.ndarray | None = None
+  files: tuple[RecordFile, ...] = ()
+  parse: Callable[[Any], tuple[Any, Any]] | None = None
+  pixels_shape: tuple[int, int, int] | None = None
+
+  @property
+  def random_access(self) -> bool:
+    return self.read is not None
+
+  def label_of(self, indices: np.ndarray) -> np.ndarray:
+    """Labels of records `indices` when known up front, else -1."""
+    if self.labels is None:
+      return np.full(len(indices), -1, np.int32)
+    return self.labels[indices]
+
+  def record_names(self, indices) -> list[str]:
+    """How an error message names records."""
+    if self.payload == 'path':
+      return [str(p) for p in self.read(np.asarray(indices))]
+    return [f'record {i}' for i in indices]
+
+
+def open_source(cfg) -> Source:
+  """Opens the source a data config names; raises UserError naming a bad field."""
+  source = cfg.get('source')
+  if source == 'demo':
+    return _open_demo(cfg)
+  if source == 'folder':
+    return _open_folder(cfg.get('path'))
+  if source == 'tfds':
+    return _open_tfds(cfg)
+  raise UserError(f'Unknown data source {source!r}; valid sources are '
+                  f'{list(SOURCES)}.')
+
+
+# ------------------------------------------------------------------ demo ---
+
+def _open_demo(cfg) -> Source:
+  split = cfg.get('split') or 'train'
+  crop = cfg.get('crop_size') or 96
+  num = demo.check_args(split, cfg.get('num_images'), crop)
+  crop_seed = cfg.get('seed') or 0  # another seed: other crops, same photos
+
+  @functools.cache
+  def images():  # Cut from the photos on first read, not at opening.
+    return demo.load_demo_images(num, crop, seed=crop_seed, split=split)[0]
+
+  return Source(
+      description=f'demo/{split} (crop seed {crop_seed})', size=num,
+      num_classes=len(demo.CLASS_NAMES), payload='pixels',
+      note=RANDOM_ACCESS_NOTE, read=lambda indices: images()[indices],
+      labels=np.arange(num, dtype=np.int32) % len(demo.CLASS_NAMES),
+      pixels_shape=(crop, crop, 3))
+
+
+# ---------------------------------------------------------------- folder ---
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+
+
+def _images_under(directory: epath.Path) -> list[str]:
+  """Sorted image files anywhere below `directory` (hidden entries skipped)."""
+  found = []
+  for root, dirs, names in directory.walk():
+    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    found += [str(root / n) for n in names if _is_image(n)]
+  return sorted(found)
+
+
+def _open_folder(path: str | None) -> Source:
+  """A class-per-subfolder folder (labels: sorted subfolder index) or a flat
+  folder of images (label 0)."""
+  if not path:
+    raise UserError("data.path must name an image folder for source 'folder'.")
+  root = epath.Path(path)
+  if not root.is_dir():
+    raise UserError(f'data.path {path!r} is not an existing directory.')
+  entries = sorted(e for e in root.iterdir() if not e.name.startswith('.'))
+  classes = [e for e in entries if e.is_dir()]
+  loose = [e for e in entries if _is_image(e.name)]
+  if classes and loose:
+    raise UserError(
+        f'Folder {path!r} mixes class subfolders '
+        f'{[c.name for c in classes[:3]]} with images at its top level '
+        f'{[f.name for f in loose[:3]]}; use one layout: all images in class '
+        'subfolders, or all at the top level (label 0).')
+  if classes:
+    per_class = [_images_under(c) for c in classes]
+    files = [f for found in per_class for f in found]
+    labels = np.repeat(np.arange(len(classes), dtype=np.int32),
+                       [len(found) for found in per_class])
+  else:
+    files = [str(f) for f in loose]
+    labels = np.zeros(len(files), np.int32)
+  if not files:
+    raise UserError(
+        f'No images found in {path!r}; accepted extensions (any case) are '
+        f'{", ".join(IMAGE_EXTENSIONS)}.')
+  paths = np.asarray(files)
+  return Source(
+      description=f'folder {path}', size=len(files),
+      num_classes=max(len(classes), 1), payload='path',
+      note=RANDOM_ACCESS_NOTE, read=lambda indices: paths[indices],
+      labels=labels)
+
+
+# ------------------------------------------------------------------ tfds ---
+
+def _tfds_builder(cfg):
+  """The prepared TFDS builder `cfg` names; raises before anything is read."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name, data_dir, split = cfg.get('name'), cfg.get('data_dir'), cfg.get('split')
+  if not name or not split:
+    raise UserError("Source 'tfds' needs data.name (e.g. 'imagenet2012') and "
+                    f"data.split (e.g. 'train'); got {name!r} and {split!r}.")
+  if data_dir and not epath.Path(data_dir).is_dir():
+    raise UserError(f'data.data_dir {data_dir!r} does not exist.')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as err:
+    raise UserError(f'Unknown tfds dataset {name!r}; tfds.list_builders() '
+                    'lists the registered names.') from err
+  if not builder.is_prepared():
+    raise UserError(
+        f'tfds dataset {name!r} is not prepared in {builder.data_dir!r} and '
+        'will not be downloaded here; prepare it first (e.g. `tfds build '
+        f'{name} --data_dir=... --manual_dir=...`) or set data.data_dir.')
+  try:
+    builder.info.splits[split]
+  except (KeyError, ValueError) as err:
+    raise UserError(f'tfds dataset {name!r} has no split {split!r}; it has '
+                    f'{sorted(builder.info.splits)}.') from err
+  if 'image' not in builder.info.features:
+    raise UserError(f'tfds dataset {name!r} has no "image" feature.')
+  return builder
+
+
+def _open_tfds(cfg) -> Source:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = _tfds_builder(cfg)
+  info, split = builder.info, cfg.split
+  features = info.features
+  label = features['label'] if 'label' in features else None
+  num_classes = getattr(label, 'num_classes', None)
+
+  def parse(serialized):
+    example = features.deserialize_example(
+        serialized, decoders={'image': tfds.decode.SkipDecoding()})
+    return example['image'], (example['label'] if num_classes else -1)
+
+  common = dict(description=f'tfds {cfg.name}:{split}',
+                size=info.splits[split].num_examples, num_classes=num_classes,
+                payload='record', parse=parse)
+  formats = info.available_file_formats() or {info.file_format}
+  if tfds.core.file_adapters.FileFormat.ARRAY_RECORD in formats:
+    records = builder.as_data_source(
+        split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
+        file_format='array_record')
+    return Source(note=RANDOM_ACCESS_NOTE,
+                  read=lambda indices: np.asarray(
+                      records.__getitems__(indices.tolist()), object),
+                  **common)
+  files = tuple(RecordFile(str(f.filename), int(f.skip), int(f.take))
+                for f in info.splits[split].file_instructions)
+  return Source(note=TFRECORD_NOTE.format(cycle=TFRECORD_CYCLE,
+                                          window=TFRECORD_WINDOW),
+                files=files, **common)
