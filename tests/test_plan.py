@@ -1,0 +1,159 @@
+"""The ahead-of-time planner: the tiny recipe compiled for a TPU topology on
+this CPU (needs libtpu, as CI installs it: these tests fail without it)."""
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from droppos_jax import plan, sharding, train
+from droppos_jax.configs import pretrain
+from droppos_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**model):
+  """The runlocal recipe at 64 px (a 4x4 grid): it compiles in seconds."""
+  config = pretrain.get_config('runlocal')
+  config.image_size = 64
+  config.model.update(model)
+  return config
+
+
+@pytest.fixture(scope='module')
+def tiny_plan():
+  return plan.make_plan(tiny_config(), 'v5e:2x2')
+
+
+def matmul_flops(jaxpr) -> int:
+  """2*M*N*K over every dot_general of a jaxpr and its sub-jaxprs: the
+  program's matmul FLOPs as traced, independent of the planner's formula."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      (_, contracting), (_, batch) = eqn.params['dimension_numbers']
+      free = [d for i, d in enumerate(rhs) if i not in contracting + batch]
+      total += 2 * math.prod(lhs) * math.prod(free)
+    repeat = eqn.params.get('length', 1)  # scan
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          total += repeat * matmul_flops(sub)
+  return total
+
+
+def test_libtpu_is_installed():
+  assert importlib.util.find_spec('libtpu') is not None, (
+      'the planner tests need libtpu: pip install libtpu==0.0.42.1 '
+      '(requirements-dev.txt)')
+
+
+def test_analytic_flops_match_the_traced_matmuls():
+  config = tiny_config()
+  s = train.setup(config, 1000, sharding.make_mesh(config.mesh, 1))
+  traced = matmul_flops(jax.make_jaxpr(s.train_step)(
+      s.abstract_state, s.batch_spec).jaxpr)
+  analytic = plan.model_flops_per_example(s) * config.batch_size
+  # The trace also holds the patch-embedding input gradient, which XLA
+  # drops (the images take no gradient): 4 % of this tiny model.
+  assert analytic <= traced <= 1.06 * analytic
+
+
+def test_tiny_recipe_compiles_for_v5e_and_reports(tiny_plan, capsys):
+  p = tiny_plan
+  assert (p.num_chips, p.chip.name) == (4, 'v5e')
+  assert p.mesh == {'data': 4, 'fsdp': 1}
+  assert p.fits and not p.suggestions
+  # Each chip holds the whole float32 state (params, AdamW mu and nu) and
+  # its quarter of the batch.
+  assert p.state_bytes >= 3 * p.param_bytes
+  batch = 16 // 4 * 64 * 64 * 3 * 4
+  assert p.memory['arguments'] >= p.state_bytes + batch
+  assert p.state_bytes + batch < p.needed_bytes < 2**30
+  # Compiled FLOPs add the elementwise work (softmaxes, norms, AdamW) to the
+  # matmuls; per chip, a quarter of the batch's.
+  assert 1 <= p.flops_per_chip / p.model_flops_per_chip <= 2
+  assert p.step_seconds == pytest.approx(
+      p.flops_per_chip / (197e12 * 0.4))
+  assert p.images_per_second == pytest.approx(16 / p.step_seconds)
+  assert p.train_seconds == pytest.approx(5 * p.step_seconds)  # 5 steps
+
+  print(plan.report(p, tiny_config()))
+  out = capsys.readouterr().out
+  assert 'v5e:2x2: 4 chips of v5e (197 TFLOP/s bf16, 16 GiB HBM)' in out
+  assert '-> fits' in out
+  assert f'{p.flops_per_chip / 1e9:,.1f} GFLOP compiled' in out
+  assert 'images/s; 5 steps in' in out
+
+
+def test_two_slices_split_the_batch(tiny_plan):
+  p = plan.make_plan(tiny_config(), 'v5e:2x2', num_slices=2)
+  assert (p.num_chips, p.num_slices, p.mesh) == (8, 2, {'data': 8, 'fsdp': 1})
+  assert p.fits
+  # Half the images per chip: about half the FLOPs (AdamW's share is not
+  # split, so a little more).
+  assert 0.5 <= p.flops_per_chip / tiny_plan.flops_per_chip < 0.6
+  assert p.model_flops_per_chip == pytest.approx(
+      tiny_plan.model_flops_per_chip / 2)
+
+
+def test_too_big_does_not_fit_and_says_what_to_change(capsys):
+  # A 1.8 B-parameter projector: 20 GiB of float32 AdamW state per chip.
+  config = tiny_config(projector_width=12288)
+  p = plan.make_plan(config, 'v5e:2x2')
+  assert not p.fits and p.flops_per_chip is None
+  assert 'RESOURCE_EXHAUSTED' in p.compiler_error
+  assert p.needed_bytes > p.state_bytes > 3 * 1.8e9 * 4
+  assert p.suggestions[0].startswith(
+      '--config.mesh.data=1 --config.mesh.fsdp=-1')
+  assert any('--config.model.dtype=bfloat16' in s for s in p.suggestions)
+  print(plan.report(p, config))
+  out = capsys.readouterr().out
+  assert 'DOES NOT FIT' in out and 'analytic model FLOPs' in out
+
+
+def test_topology_names():
+  assert plan.topology_name('v5p-128') == 'v5p:4x4x4'
+  assert plan.topology_name('v5e-256') == 'v5e:16x16'
+  assert plan.topology_name('v6e:4x8') == 'v6e:4x8'
+  for bad in ('v5e:16x16x1', 'v7:2x2', 'tpu', 'v4:2x2'):
+    with pytest.raises(UserError, match=f"--topology '{bad}' .*v5e:16x16"):
+      plan.topology_name(bad)
+  # The right rank, but a shape libtpu refuses.
+  with pytest.raises(UserError,
+                     match="'v5e:3x3': libtpu refused it .*v6e:16x16"):
+    plan.topology_devices('v5e:3x3')
+  # v4 is asked for whole chips (megacore): 2x2x2 is 8 devices, not 16.
+  assert len(plan.topology_devices('v4:2x2x2')) == 8
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+      importlib.util, 'find_spec',
+      lambda name, *a: None if name == 'libtpu' else real(name, *a))
+  with pytest.raises(UserError, match=r'pip install libtpu==0\.0\.42\.1'):
+    plan.topology_devices('v5e:2x2')
+
+
+def test_bad_mfu():
+  with pytest.raises(UserError, match='--mfu=1.5'):
+    plan.make_plan(tiny_config(), 'v5e:2x2', mfu=1.5)
+
+
+def test_command_line_unknown_topology_is_one_line():
+  proc = subprocess.run(
+      [sys.executable, '-m', 'droppos_jax.plan', '--config',
+       'configs/pretrain.py:runlocal', '--topology', 'v5x:9'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and errors == proc.stderr.splitlines()[-1:]
+  assert "--topology 'v5x:9' is not a TPU topology; valid: " in errors[0]
+  assert 'v5p:4x4x4 (v5p-128)' in errors[0]
