@@ -148,6 +148,7 @@ class Plan:
   topology: str
   num_slices: int
   num_chips: int
+  num_hosts: int
   chip: hardware.Chip
   mesh: dict[str, int]
   batch_size: int
@@ -306,7 +307,8 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
   fits = not error and needed <= hbm
   mesh_shape = dict(mesh.shape)
   return Plan(
-      topology=topology, num_slices=num_slices, num_chips=chips, chip=chip,
+      topology=topology, num_slices=num_slices, num_chips=chips,
+      num_hosts=len({d.process_index for d in devices}), chip=chip,
       mesh=mesh_shape, batch_size=config.batch_size,
       steps_per_epoch=s.steps_per_epoch, total_steps=s.total_steps,
       compile_seconds=compile_seconds, fits=fits, needed_bytes=needed,
@@ -379,6 +381,9 @@ def report(plan: Plan, config: ml_collections.ConfigDict) -> str:
       f'FLOPs, FLOP-bound); at MFU {plan.mfu:.0%}: '
       f'{_duration(plan.step_seconds)} -> {plan.images_per_second:,.0f} '
       f'images/s; {run} in {_duration(plan.train_seconds)}.')
+  hosts = f'{plan.num_hosts} host' + ('s' if plan.num_hosts > 1 else '')
+  lines.append(f'Input: {plan.images_per_second / plan.num_hosts:,.0f} '
+               f'images/s per host ({hosts}) to keep up.')
   return '\n'.join(lines)
 
 

@@ -67,7 +67,7 @@ def test_analytic_flops_match_the_traced_matmuls():
 
 def test_tiny_recipe_compiles_for_v5e_and_reports(tiny_plan, capsys):
   p = tiny_plan
-  assert (p.num_chips, p.chip.name) == (4, 'v5e')
+  assert (p.num_chips, p.num_hosts, p.chip.name) == (4, 1, 'v5e')
   assert p.mesh == {'data': 4, 'fsdp': 1}
   assert p.fits and not p.suggestions
   # Each chip holds the whole float32 state (params, AdamW mu and nu) and
@@ -90,11 +90,13 @@ def test_tiny_recipe_compiles_for_v5e_and_reports(tiny_plan, capsys):
   assert '-> fits' in out
   assert f'{p.flops_per_chip / 1e9:,.1f} GFLOP compiled' in out
   assert 'images/s; 5 steps in' in out
+  assert f'{p.images_per_second:,.0f} images/s per host (1 host)' in out
 
 
 def test_two_slices_split_the_batch(tiny_plan):
   p = plan.make_plan(tiny_config(), 'v5e:2x2', num_slices=2)
-  assert (p.num_chips, p.num_slices, p.mesh) == (8, 2, {'data': 8, 'fsdp': 1})
+  assert (p.num_chips, p.num_slices, p.num_hosts) == (8, 2, 2)
+  assert p.mesh == {'data': 8, 'fsdp': 1}
   assert p.fits
   # Half the images per chip: about half the FLOPs (AdamW's share is not
   # split, so a little more).
