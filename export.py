@@ -1,10 +1,8 @@
 """Exports weights to the authors'/timm naming; the command lives in droppos_jax/export.py.
 
-`python export.py --help` lists its arguments.
+`python export.py --help` lists its flags.
 """
-import sys
-
 from droppos_jax.export import main
 
 if __name__ == '__main__':
-  sys.exit(main())
+  main()

@@ -2,7 +2,7 @@
 
 `python probe_position.py --help` lists its flags.
 """
-from droppos_jax.probe_position import run
+from droppos_jax.probe_position import main
 
 if __name__ == '__main__':
-  run()
+  main()

@@ -2,7 +2,7 @@
 
 `python visualize.py --help` lists its flags.
 """
-from droppos_jax.visualize import run
+from droppos_jax.visualize import main
 
 if __name__ == '__main__':
-  run()
+  main()

@@ -1,24 +1,23 @@
 r"""Position probing (paper §4.3) of a frozen ViT on the offline demo photos.
 
   python probe_position.py --config configs/position_probe.py \
-      --config.init=runs/demo --workdir runs/probe_demo
+      --config.init.path=runs/demo --workdir runs/probe_demo
   python probe_position.py --config configs/position_probe.py \
-      --config.init=random --config.image_size=32 --workdir runs/probe_random
+      --config.image_size=32 --workdir runs/probe_random   # random init
 
-`init` is 'random' (a fresh `variant`), a pre-training or fine-tuning
-workdir or step folder, or a DropPos/MAE/timm weights file (.safetensors,
-.pth/.pt/.bin, .npz; models/weights.py). Dropped tokens get the checkpoint's
-mask_pos_token if it has one (and use_mask_token), else no PE.
+`init.path` is a pre-training or fine-tuning workdir or step folder, or a
+DropPos/MAE/timm weights file (.safetensors, .pth/.pt/.bin, .npz;
+models/weights.py); empty means a random `variant`, as in fine-tuning.
+Dropped tokens get the checkpoint's mask_pos_token if it has one (and
+use_mask_token), else no PE.
 
 Demo data: the head trains on 2,048 fresh crops (crop seed 1) and is scored
 on 256 others (seed 2) of the photos' training region; the demo pre-training
-saw only seed-0 crops. On 2 CPU cores this takes about 20 s. Measured for
-the configs/demo.py encoder vs a random one: 17.9 % vs 9.2 % (chance 6.25 %).
-`--config.eval_data.split=val` scores the pixel-disjoint strips instead,
-where the tiny demo encoder barely generalises (8.1 % vs 6.8 %).
-For ImageNet: --config.train_data.source=tfds --config.train_data.name=
-imagenet2012 (split train) and the same for eval_data (split validation),
-with num_train_images/num_eval_images to bound the cost.
+saw only seed-0 crops. `--config.eval_data.split=val` scores the
+pixel-disjoint strips instead. For ImageNet: --config.train_data.source=tfds
+--config.train_data.name=imagenet2012 (split train) and the same for
+eval_data (split validation), with num_train_images/num_eval_images to bound
+the cost.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -29,8 +28,8 @@ from droppos_jax.configs import common
 def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
-  c.init = 'random'
-  c.variant = 'nano/8'            # init='random' only; checkpoints carry theirs
+  c.init = ml_collections.ConfigDict(dict(path=''))
+  c.variant = 'nano/8'            # random init only; checkpoints carry theirs
   # Unset (None): from the checkpoint. num_heads only matters for files whose
   # width is not a vit.VARIANTS width; image_size is the square probe size.
   c.num_heads = config_dict.placeholder(int)

@@ -1,13 +1,15 @@
 r"""Exports weights in the authors'/timm naming: your own runs, and any file
 the reader takes (models/weights.py), to .safetensors, .pth or .npz.
 
-  python export.py runs/demo demo.safetensors            # pre-training run
-  python export.py runs/ft_b16/checkpoints/50000 ft_b16.pth  # one step
-  python export.py DropPos_pretrain_vit_base.pth droppos_b16.safetensors
-  python export.py droppos_b16.safetensors droppos_b16.npz
+  python export.py --config.init.path=runs/demo --output demo.safetensors
+  python export.py --config.init.path=runs/ft_b16/checkpoints/50000 \
+      --output ft_b16.pth                                    # one step
+  python export.py --config.init.path=DropPos_pretrain_vit_base.pth \
+      --output droppos_b16.safetensors                       # authors' file
 
-The source is a pre-training or fine-tuning workdir (newest readable complete
-step), a step folder, or a .safetensors/.pth/.pt/.bin/.npz file; its kind
+The source (`init.path`, as for every command that reads weights) is a
+pre-training or fine-tuning workdir (newest readable complete step), a step
+folder, or a .safetensors/.pth/.pt/.bin/.npz file; its kind
 (DropPos, fine-tuned classifier, linear probe, plain encoder) is read, not
 asked. The output format follows the suffix: .safetensors (metadata in its
 header), .pth/.pt (`{'model': state_dict, 'metadata': ...}`; needs torch) or
@@ -20,15 +22,14 @@ and the probes directly: exporting is the way back too.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import sys
 from typing import Any, Mapping, Optional, Sequence
 
 from etils import epath
 import numpy as np
 
+from droppos_jax import launch
 from droppos_jax.errors import UserError
 from droppos_jax.models import convert, vit, weights
 
@@ -42,7 +43,7 @@ def state_dict(w: weights.Weights,
   hw = image_hw or w.image_hw
   if hw is None:
     raise UserError(f'{w.source} does not tell its image size (no sin-cos '
-                    'pos_embed, no metadata): pass --image_size.')
+                    'pos_embed, no metadata): set --config.image_size.')
   tree = dict(w.params)
   if w.kind == 'linear_probe':
     tree.update(w.batch_stats)
@@ -108,47 +109,32 @@ def export(source: str, output: str, *, num_heads: Optional[int] = None,
            image_hw: Optional[Sequence[int]] = None) -> dict[str, Any]:
   """Reads `source`, writes `output`; returns {'weights', 'num_tensors'}."""
   _check_suffix(epath.Path(output))  # before reading a big checkpoint
-  w = weights.read(source, what='source', num_heads=num_heads)
+  w = weights.read(source, what='init.path', num_heads=num_heads)
   w.check_fixed_pe()
   state = state_dict(w, image_hw)
   write(state, metadata(w, image_hw), output)
   return {'weights': w, 'num_tensors': len(state)}
 
 
-def _image_size(text: str) -> tuple[int, int]:
-  parts = text.replace('x', ',').split(',')
-  if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-    raise argparse.ArgumentTypeError(
-        f'image size must look like 224 or 224,160; got {text!r}')
-  sizes = [int(p) for p in parts]
-  return (sizes[0], sizes[-1])
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0].replace('\n', ' '),
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog=__doc__.split('\n\n', 1)[1])
-  p.add_argument('source', help='workdir, step folder or weights file '
-                 '(local or gs://)')
-  p.add_argument('output', help=f'file to write: {", ".join(SUFFIXES)}')
-  p.add_argument('--num_heads', type=int, default=None,
-                 help='encoder heads, for widths outside vit.VARIANTS')
-  p.add_argument('--image_size', type=_image_size, default=None,
-                 help='image size H[,W] of the exported pos_embed (default: '
-                 'the size the weights were trained at)')
-  args = p.parse_args(argv)
-  try:
-    out = export(args.source, args.output, num_heads=args.num_heads,
-                 image_hw=args.image_size)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+def run(config, output: str) -> dict[str, Any]:
+  """The command: exports `config.init.path` to `output`."""
+  if not config.init.path:
+    raise UserError('--config.init.path is required: the workdir, step folder '
+                    'or weights file to export.')
+  image_hw = None if config.image_size is None else launch.image_hw(config)
+  out = export(config.init.path, output, num_heads=config.num_heads,
+               image_hw=image_hw)
   w = out['weights']
   print(w.summary())
-  print(f'wrote {out["num_tensors"]} tensors ({w.kind}) to {args.output}')
-  return 0
+  print(f'wrote {out["num_tensors"]} tensors ({w.kind}) to {output}')
+  return out
+
+
+def main():
+  launch.run(run, output='output', output_help='File to write: '
+             f'{", ".join(SUFFIXES)} (local or gs://).',
+             default_config=launch.packaged_configs()['export'])
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  main()

@@ -179,9 +179,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     for step in range(start + 1, total_steps + 1):
       t = time.perf_counter()
       batch = next(batches)
-      data_wait = time.perf_counter() - t
+      logger.add_data_wait(time.perf_counter() - t)
       state, metrics = train_step(state, batch)
-      recorder.push(step, metrics, data_wait=data_wait)
+      recorder.push(step, metrics)
       save = run.should_save(step)  # also learns of preemption
       if not run.stopped and (step % eval_every == 0 or step == total_steps):
         recorder.flush()

@@ -95,6 +95,7 @@ class MetricLogger:
     self._count = 0
     self._busy = 0.           # training seconds in the current interval
     self._busy_steps = 0
+    self._data_wait = 0.      # of which waiting for input
     self._running_since: Optional[float] = None
 
   # The step clock: only time between resume() and pause() counts.
@@ -106,6 +107,11 @@ class MetricLogger:
     if self._running_since is not None:
       self._busy += time.perf_counter() - self._running_since
       self._running_since = None
+
+  def add_data_wait(self, seconds: float) -> None:
+    """Time the loop just spent waiting for its next batch (measured on the
+    same clock as the interval, so the fraction is of training time)."""
+    self._data_wait += seconds
 
   def add(self, metrics: dict[str, float]) -> None:
     for k, v in metrics.items():
@@ -125,13 +131,13 @@ class MetricLogger:
       sec_per_step = self._busy / self._busy_steps
       means['images_per_sec'] = self.global_batch / sec_per_step
       eta = (self.total_steps - step) * sec_per_step
-      if 'data_wait' in means:
-        means['data_wait_frac'] = means.pop('data_wait') / sec_per_step
+      means['data_wait_frac'] = self._data_wait / self._busy
       if self.flops_per_device:
         means['tflops_per_device'] = self.flops_per_device / sec_per_step / 1e12
         if self.peak_tflops:
           means['mfu'] = means['tflops_per_device'] / self.peak_tflops
     self._sums, self._count, self._busy, self._busy_steps = {}, 0, 0., 0
+    self._data_wait = 0.
     if running:
       self.resume()
     means['epoch'] = step / self.steps_per_epoch
@@ -189,11 +195,11 @@ class LaggedRecorder:
     self.losses: dict[int, float] = {}
     self._pending = None
 
-  def push(self, step: int, metrics, **host_metrics: float) -> None:
+  def push(self, step: int, metrics) -> None:
     """Records the previous step's metrics, then holds on to these (device
-    arrays) and `host_metrics` (floats, e.g. the data wait)."""
+    arrays)."""
     self.flush()
-    self._pending = (step, dict(metrics, **host_metrics))
+    self._pending = (step, metrics)
 
   def flush(self) -> None:
     """Records the held metrics now (before a save or an evaluation)."""

@@ -9,11 +9,13 @@ cos(cls, patch) / tau over all patches) as a heat-map.
 from __future__ import annotations
 
 import functools
+import io
 import json
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -63,6 +65,15 @@ def predict(model: droppos_model.DropPos, params, images, ids_keep, drop_mask,
   cls, patches = model.apply({'params': params}, images,
                              method=droppos_model.DropPos.full_features)
   return logits, losses.attentive_weights(cls, patches, tau)
+
+
+def save_figure(fig: Figure, path, **kwargs: Any) -> None:
+  """Writes `fig` as a PNG to `path` (local or gs://), making its folder."""
+  png = io.BytesIO()
+  fig.savefig(png, format='png', **kwargs)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(png.getvalue())
 
 
 def denormalize(images) -> np.ndarray:
@@ -139,7 +150,7 @@ def render(images_rgb, ids_keep, drop_mask, predicted, attention, *,
     if i == 0:
       for ax, name in zip(row, COLUMNS):
         ax.set_title(name, fontsize=9)
-  fig.savefig(path, dpi=dpi)
+  save_figure(fig, path, dpi=dpi)
   return path
 
 

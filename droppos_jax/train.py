@@ -221,9 +221,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     for step in range(start + 1, s.total_steps + 1):
       t = time.perf_counter()
       images = next(batches)['image']
-      data_wait = time.perf_counter() - t
+      logger.add_data_wait(time.perf_counter() - t)
       state, metrics = train_step(state, images)
-      recorder.push(step, metrics, data_wait=data_wait)
+      recorder.push(step, metrics)
       if profile:
         profile(step)
       if run.should_save(step):

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from droppos_jax import export
+from droppos_jax.configs import export as export_config
+from droppos_jax.errors import UserError
 from droppos_jax.models import classifier, convert, droppos, weights
 from test_weights import (HW, NUM_CLASSES, RUN_KINDS, assert_trees_equal,
                           make_variables, save_run)
@@ -28,6 +30,15 @@ def runs(tmp_path_factory):
   return {kind: str(root / kind) for kind in RUN_KINDS}
 
 
+def run_export(source, output, **fields):
+  """The export command in-process: `python export.py
+  --config.init.path=<source> --output=<output> [--config.<field>=...]`."""
+  config = export_config.get_config()
+  config.init.path = source
+  config.update(fields)
+  return export.run(config, str(output))
+
+
 @pytest.fixture(scope='module')
 def tr():
   pytest.importorskip('torch')
@@ -41,7 +52,7 @@ def test_run_export_reads_back_identical(runs, kind, suffix, tmp_path, capsys):
   if suffix == '.pth':
     pytest.importorskip('torch')
   out = tmp_path / f'exported{suffix}'
-  assert export.main([runs[kind], str(out)]) == 0
+  run_export(runs[kind], out)
   assert f'({kind}) to {out}' in capsys.readouterr().out
   run, back = weights.read(runs[kind]), weights.read(out)
   assert (back.kind, back.arch, back.image_hw, back.step) == (
@@ -52,7 +63,7 @@ def test_run_export_reads_back_identical(runs, kind, suffix, tmp_path, capsys):
     assert_trees_equal(back.batch_stats, run.batch_stats)
   # Exporting the export again changes nothing: the way back is exact.
   again = tmp_path / f'again{suffix}'
-  assert export.main([str(out), str(again)]) == 0
+  run_export(str(out), again)
   assert_trees_equal(weights.read(again).params, run.params)
 
 
@@ -127,12 +138,12 @@ def test_authors_file_converts_to_safetensors_and_back_exactly(tr, tmp_path):
               'epoch': 99, 'args': argparse.Namespace(model='mu')},
              tmp_path / 'DropPos_pretrain.pth')
   out = tmp_path / 'droppos.safetensors'
-  assert export.main([str(tmp_path / 'DropPos_pretrain.pth'), str(out)]) == 0
+  run_export(str(tmp_path / 'DropPos_pretrain.pth'), out)
   expected, _ = convert.torch_to_flax(state, kind='droppos')
   w = weights.read(out)
   assert w.kind == 'droppos' and w.image_hw == HW
   assert_trees_equal(w.params, expected)
-  assert export.main([str(out), str(tmp_path / 'back.pth')]) == 0
+  run_export(str(out), tmp_path / 'back.pth')
   back = torch.load(tmp_path / 'back.pth', weights_only=True)['model']
   assert back.keys() == state.keys()
   for k in state:
@@ -141,40 +152,48 @@ def test_authors_file_converts_to_safetensors_and_back_exactly(tr, tmp_path):
 
 def test_image_size_sets_the_exported_pos_embed(runs, tmp_path):
   out = tmp_path / 'clf.npz'
-  assert export.main([runs['classifier'], str(out), '--image_size',
-                      '48,32']) == 0
+  export.export(runs['classifier'], str(out), image_hw=(48, 32))
   with np.load(out) as npz:
     assert npz['pos_embed'].shape == (1, 1 + 6 * 4, 32)
   assert weights.read(out).image_hw == (48, 32)
 
 
-def test_bad_input_gives_one_line_errors(runs, tmp_path, capsys, monkeypatch):
+def test_bad_input_gives_one_line_errors(runs, tmp_path, monkeypatch):
   (tmp_path / 'empty').mkdir()
   cases = [
-      ([str(tmp_path / 'empty'), str(tmp_path / 'x.npz')],
+      ((str(tmp_path / 'empty'), tmp_path / 'x.npz'), {},
        'holds no checkpoint: expected a pre-training or fine-tuning workdir'),
-      ([runs['droppos'], str(tmp_path / 'x.bin')], re.escape(
+      ((runs['droppos'], tmp_path / 'x.bin'), {}, re.escape(
           "Unknown output format 'x.bin': the name must end in .safetensors, "
           '.pth, .pt, .npz.')),
-      ([runs['droppos'], str(tmp_path / 'x.npz'), '--image_size', '48'],
+      ((runs['droppos'], tmp_path / 'x.npz'), {'image_size': 48},
        r'grid_hw \(6, 6\) has 36 positions but the projector predicts 16'),
+      (('', tmp_path / 'x.npz'), {}, r'--config.init.path is required'),
   ]
-  for argv, message in cases:
-    assert export.main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.startswith('error: ') and err.count('\n') == 1, err
-    assert re.search(message, err), err
+  for args, fields, message in cases:
+    with pytest.raises(UserError, match=message):
+      run_export(*args, **fields)
   monkeypatch.setitem(sys.modules, 'torch', None)
-  assert export.main([runs['droppos'], str(tmp_path / 'x.pth')]) == 1
-  assert ('Writing x.pth needs PyTorch (`pip install torch`); write '
-          '.safetensors or .npz instead.') in capsys.readouterr().err
+  with pytest.raises(UserError, match=re.escape(
+      'Writing x.pth needs PyTorch (`pip install torch`); write .safetensors '
+      'or .npz instead.')):
+    run_export(runs['droppos'], tmp_path / 'x.pth')
   assert not list(tmp_path.glob('x.*'))
 
 
 def test_documented_command(runs, tmp_path):
   out = tmp_path / 'demo.safetensors'
-  run = subprocess.run([sys.executable, 'export.py', runs['droppos'], str(out)],
+  run = subprocess.run([sys.executable, 'export.py',
+                        f'--config.init.path={runs["droppos"]}',
+                        f'--output={out}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   assert f'wrote 49 tensors (droppos) to {out}' in run.stdout
   assert weights.read(out).step == 4
+  bad = subprocess.run([sys.executable, 'export.py',
+                        f'--config.init.path={runs["droppos"]}',
+                        f'--output={tmp_path / "x.bin"}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and 'Traceback' not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      "error: Unknown output format 'x.bin'")

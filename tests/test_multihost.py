@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from droppos_jax import checkpoint
+from droppos_jax.models import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
@@ -84,7 +84,7 @@ def metrics(workdir):
 
 
 def final_params(workdir):
-  return checkpoint.load_pretrained(str(workdir))[0]
+  return weights.read(str(workdir)).params
 
 
 def max_param_diff(a, b):

@@ -124,7 +124,7 @@ def test_load_encoder_sources(tiny_run, tmp_path):
   assert frozen.image_hw == (32, 32) and frozen.mask_pos_token is None
   np.testing.assert_allclose(frozen.params['blocks_1']['mlp']['fc2']['kernel'],
                              params['encoder']['blocks_1']['mlp']['fc2']['kernel'])
-  random = position_probe.load_encoder('random', variant='mu/8')
+  random = position_probe.load_encoder('', variant='mu/8')
   assert random.mask_pos_token is None and random.image_hw is None
 
 
@@ -132,13 +132,13 @@ def test_bad_init_gives_clear_errors(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(UserError, match='empty holds no checkpoint'):
     position_probe.load_encoder(str(tmp_path / 'empty'))
-  with pytest.raises(UserError, match="init '.*missing' does not exist"):
+  with pytest.raises(UserError, match="init.path '.*missing' does not exist"):
     position_probe.load_encoder(str(tmp_path / 'missing'))
   (tmp_path / 'notes.txt').write_text('hi')
   with pytest.raises(UserError, match='notes.txt is not a weights file'):
     position_probe.load_encoder(str(tmp_path / 'notes.txt'))
   with pytest.raises(ValueError, match='Unknown ViT variant'):
-    position_probe.load_encoder('random', variant='huge/16')
+    position_probe.load_encoder('', variant='huge/16')
 
 
 def test_command(tiny_run, position_coded_images, tmp_path):
@@ -147,7 +147,7 @@ def test_command(tiny_run, position_coded_images, tmp_path):
           for k, v in (('source', 'folder'), ('path', position_coded_images))]
   out = subprocess.run(
       [sys.executable, 'probe_position.py',
-       '--config', 'configs/position_probe.py', f'--config.init={tiny_run[0]}',
+       '--config', 'configs/position_probe.py', f'--config.init.path={tiny_run[0]}',
        '--config.batch_size=16', '--config.head.steps=50',
        '--config.mask_draws=1', f'--workdir={tmp_path}'] + data,
       cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -156,7 +156,7 @@ def test_command(tiny_run, position_coded_images, tmp_path):
   assert results['results']['dropped_pe'] == 'mask_pos_token'
   assert results['results']['image_hw'] == [32, 32]
   assert 0. <= results['results']['acc'] <= 1.
-  assert results['config']['init'] == tiny_run[0]
+  assert results['config']['init']['path'] == tiny_run[0]
   assert (tmp_path / 'position_accuracy.png').is_file()
 
 

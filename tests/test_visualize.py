@@ -57,8 +57,8 @@ def test_command_writes_png(tmp_path):
   ckpts.close()
   out = tmp_path / 'vis.png'
   run = subprocess.run(
-      [sys.executable, 'visualize.py', f'--checkpoint={tmp_path / "run"}',
-       f'--output={out}', '--num_images=2'],
+      [sys.executable, 'visualize.py', f'--config.init.path={tmp_path / "run"}',
+       f'--output={out}', '--config.num_images=2'],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'wrote' in run.stdout

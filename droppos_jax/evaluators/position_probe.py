@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Iterable, Optional, Sequence
 
 import jax
@@ -24,9 +23,10 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from matplotlib.figure import Figure
 
-from droppos_jax import masking
+from droppos_jax import masking, pictures
 from droppos_jax.data import device, sources
 from droppos_jax.losses import grid_coords
 from droppos_jax.models import vit, weights
@@ -47,22 +47,22 @@ class FrozenEncoder:
 
 def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
                  num_heads: Optional[int] = None) -> FrozenEncoder:
-  """The encoder named by `init`: 'random' (a fresh `variant` initialised
-  from key(seed)) or anything weights.read takes: a pre-training or
-  fine-tuning workdir or step folder, or a DropPos/MAE/timm weights file.
+  """The encoder named by `init`: '' (a fresh `variant` initialised from
+  key(seed)) or anything weights.read takes: a pre-training or fine-tuning
+  workdir or step folder, or a DropPos/MAE/timm weights file.
 
   Tokens are probed after the final norm; a global-pool fine-tuned model has
   none and its fc_norm stands in (weights.Weights.encoder_params). Weights
   with a learned pos_embed are refused.
   """
-  if init == 'random':
+  if not init:
     encoder = vit.vit_from_variant(variant)
     p = encoder.patch_size
     params = jax.jit(encoder.init)(jax.random.key(seed),
                                    jnp.zeros((1, p, p, 3)))['params']
     return FrozenEncoder(encoder, params, None, None,
                          f'random init {variant} (seed {seed})')
-  w = weights.read(init, what='init', num_heads=num_heads)
+  w = weights.read(init, what='init.path', num_heads=num_heads)
   w.check_fixed_pe()
   token = w.mask_pos_token
   return FrozenEncoder(
@@ -185,14 +185,14 @@ def save_heatmap(per_position: np.ndarray, path: str, title: str) -> str:
   ax.set_ylabel('row')
   ax.set_xticks(range(per_position.shape[1]))
   ax.set_yticks(range(per_position.shape[0]))
-  fig.savefig(path)
+  pictures.save_figure(fig, path)
   return path
 
 
 def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """Probes `config.init` (configs/position_probe.py fields); writes the
-  heat-map position_accuracy.png to `workdir` and returns the results."""
-  frozen = load_encoder(config.init, variant=config.variant, seed=config.seed,
+  """Probes `config.init.path` (configs/position_probe.py fields); writes
+  the heat-map position_accuracy.png to `workdir` and returns the results."""
+  frozen = load_encoder(config.init.path, variant=config.variant, seed=config.seed,
                         num_heads=config.num_heads)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   frozen = dataclasses.replace(
@@ -241,8 +241,8 @@ def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
                                per_position).tolist(),
       'eval_tokens_per_position': counts.tolist()}
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    save_heatmap(per_position, os.path.join(workdir, 'position_accuracy.png'),
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    save_heatmap(per_position, epath.Path(workdir) / 'position_accuracy.png',
                  f'{frozen.description}\nheld-out position top-1, mean '
                  f'{100 * acc:.1f}% (chance {100 / (grid[0] * grid[1]):.1f}%)')
   return results
