@@ -21,13 +21,13 @@ def build_model(config, num_classes: int):
   """ViTClassifier (fine-tune) or LinearProbe, from `config.model`."""
   m = config.model
   if config.protocol not in PROTOCOLS:
-    raise ValueError(f'protocol={config.protocol!r}; valid: {PROTOCOLS}.')
+    raise UserError(f'protocol={config.protocol!r}; valid: {PROTOCOLS}.')
   dtype = vit.compute_dtype(m.dtype)
   if config.protocol == 'linear_probe':
     return classifier.linear_probe_from_variant(
         m.variant, num_classes, feature=m.feature, dtype=dtype)
   if not 0 <= m.drop_path_rate < 1:
-    raise ValueError(f'model.drop_path_rate={m.drop_path_rate} must be in '
+    raise UserError(f'model.drop_path_rate={m.drop_path_rate} must be in '
                      '[0, 1).')
   return classifier.classifier_from_variant(
       m.variant, num_classes, drop_path_rate=m.drop_path_rate,
@@ -80,7 +80,7 @@ def make_optimizer(config, lr_fn: optax.Schedule, params: Any
   o = config.optim
   if config.protocol == 'finetune':
     if not 0 < o.layer_decay <= 1:
-      raise ValueError(f'optim.layer_decay={o.layer_decay} must be in (0, 1].')
+      raise UserError(f'optim.layer_decay={o.layer_decay} must be in (0, 1].')
     depth = vit.decode_variant(config.model.variant).depth
     return optax.chain(
         optax.adamw(lr_fn, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,

@@ -131,8 +131,9 @@ def run(config, output: str) -> dict[str, Any]:
 
 
 def main():
-  launch.run(run, output='output', output_help='File to write: '
-             f'{", ".join(SUFFIXES)} (local or gs://).',
+  launch.run(run, config_kind='export', output='output',
+             output_help=f'File to write: {", ".join(SUFFIXES)} (local or '
+             'gs://).',
              default_config=launch.packaged_configs()['export'])
 
 

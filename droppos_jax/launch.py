@@ -103,6 +103,20 @@ def _load_config_file(value: str) -> Any:
   return module.get_config(arg or None)
 
 
+def check_config_kind(config: Any, reference: str, command: str) -> None:
+  """Refuses a config made for another command: it must have every
+  top-level field of the packaged config `reference`."""
+  packaged = packaged_configs()
+  wanted = set(_load_config_file(packaged[reference]).keys())
+  missing = sorted(wanted - set(config.keys()))
+  if missing:
+    fitting = sorted(name for name, path in packaged.items()
+                     if wanted <= set(_load_config_file(path).keys()))
+    raise UserError(
+        f'This config is not one for {command}: it lacks {", ".join(missing)}. '
+        f'Configs for {command}: {", ".join(fitting)} (configs/<name>.py).')
+
+
 def _unknown_field_message(name: str, key: str) -> str:
   """Names the override that asked for field `key` and the valid fields."""
   argv = _resolve_config_argv(sys.argv[1:])
@@ -269,9 +283,14 @@ def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
         output_help: str = 'Folder for checkpoints and logs (local or gs://); '
         'rerunning resumes it.',
         default_config: Optional[str] = None,
+        config_kind: Optional[str] = None,
         extra_flags: Sequence[Callable[[], Any]] = ()) -> None:
   """Runs `command(config, <output>, **extra flag values)` as the program
   (`command(config, **extra)` if `output` is None).
+
+  `config_kind` names a packaged config whose top-level fields the given
+  config must have (a pre-training config passed to fine-tuning is refused
+  with the configs that fit).
 
   A UserError anywhere becomes `error: <message>` and exit status 1; a run
   that returns {'stopped': 'preempted'|'interrupted'} exits with 75 or 130.
@@ -298,6 +317,9 @@ def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
     if config is None or (output and not f[output].value):
       required = '--config' + (f' and --{output} are' if output else ' is')
       sys.exit(f'error: {required} required (see --help).')
+    if config_kind:
+      _exit_on_user_error(lambda: check_config_kind(
+          config, config_kind, os.path.basename(sys.argv[0])))
     settings = _exit_on_user_error(lambda: distributed_settings(
         f.distributed, f.coordinator_address, f.num_processes, f.process_id))
     jax.config.update('jax_threefry_partitionable', True)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from droppos_jax.errors import UserError
+
 SIGMA_SCHEDULES = ('linear_epoch', 'linear', 'cosine', 'constant')
 
 
@@ -17,7 +19,7 @@ def _check_sigma(sigma) -> None:
   # validates sigma_0 where the user sets it.
   if isinstance(sigma, (int, float, np.ndarray, np.generic)) and np.any(
       np.asarray(sigma) < 0):
-    raise ValueError(f'sigma={sigma!r} must be >= 0 (0 means one-hot targets).')
+    raise UserError(f'sigma={sigma!r} must be >= 0 (0 means one-hot targets).')
 
 
 def grid_coords(grid_hw: Sequence[int]) -> np.ndarray:
@@ -53,7 +55,7 @@ def smoothing_targets(grid_hw: Sequence[int], sigma,
     return jnp.where(positive, targets, jnp.eye(n, dtype=jnp.float32))
   s = int(official_grid_width)
   if s * s < n:
-    raise ValueError(f'official_grid_width={s} gives {s * s} positions, fewer '
+    raise UserError(f'official_grid_width={s} gives {s * s} positions, fewer '
                      f'than the {n} patches of the {h}x{w} grid.')
   # Columns are normalised; the diagonal term exp(0) = 1 keeps sums >= 1.
   weights = jnp.exp(-jnp.asarray(_squared_distances((s, s))) * inv_s2)
@@ -71,7 +73,7 @@ def attentive_weights(cls_feat, patch_feats, tau: float) -> jax.Array:
   (and all N patches give the unrenormalised map).
   """
   if isinstance(tau, (int, float)) and not tau > 0:
-    raise ValueError(f'tau={tau!r} must be > 0 (the paper uses 0.1).')
+    raise UserError(f'tau={tau!r} must be > 0 (the paper uses 0.1).')
   cls_feat = jax.lax.stop_gradient(cls_feat.astype(jnp.float32))
   patch_feats = jax.lax.stop_gradient(patch_feats.astype(jnp.float32))
   normalize = lambda x: x / jnp.maximum(
@@ -122,10 +124,10 @@ def make_sigma_schedule(name: str, sigma0: float, *, total_steps: int,
   sigma0 * (1 - epoch/total_epochs), updated once per epoch; 'linear' and
   'cosine' decay per step to 0 at total_steps; 'constant' keeps sigma0."""
   if name not in SIGMA_SCHEDULES:
-    raise ValueError(f'Unknown sigma schedule {name!r}; valid: {SIGMA_SCHEDULES}.')
+    raise UserError(f'Unknown sigma schedule {name!r}; valid: {SIGMA_SCHEDULES}.')
   _check_sigma(sigma0)
   if total_steps < 1 or steps_per_epoch < 1:
-    raise ValueError(f'total_steps={total_steps} and steps_per_epoch='
+    raise UserError(f'total_steps={total_steps} and steps_per_epoch='
                      f'{steps_per_epoch} must be >= 1.')
   total_epochs = max(total_steps // steps_per_epoch, 1)
 

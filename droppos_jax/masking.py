@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from droppos_jax.errors import UserError
+
 
 def mask_counts(num_patches: int, mask_ratio: float,
                 pos_drop_ratio: float) -> tuple[int, int]:
@@ -18,17 +20,17 @@ def mask_counts(num_patches: int, mask_ratio: float,
   for name, ratio in (('mask_ratio', mask_ratio),
                       ('pos_drop_ratio', pos_drop_ratio)):
     if not 0. <= float(ratio) < 1.:
-      raise ValueError(f'{name}={ratio!r} is outside the valid range [0, 1).')
+      raise UserError(f'{name}={ratio!r} is outside the valid range [0, 1).')
   if int(num_patches) < 1:
-    raise ValueError(f'num_patches={num_patches!r} must be at least 1.')
+    raise UserError(f'num_patches={num_patches!r} must be at least 1.')
   num_visible = int(num_patches * (1. - mask_ratio))
   if num_visible < 1:
-    raise ValueError(
+    raise UserError(
         f'mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}; '
         f'use mask_ratio <= {1. - 1. / num_patches:.4f}.')
   num_keep_pos = int(num_visible * (1. - pos_drop_ratio))
   if num_keep_pos >= num_visible:
-    raise ValueError(
+    raise UserError(
         f'pos_drop_ratio={pos_drop_ratio} drops no position among the '
         f'{num_visible} visible patches; use pos_drop_ratio >= '
         f'{1. / num_visible:.4f} so there is something to predict.')

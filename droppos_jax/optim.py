@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from droppos_jax.errors import UserError
+
 CLIP_MODES = ('per_tensor', 'global', 'none')
 
 
@@ -41,7 +43,7 @@ def lr_schedule(peak_lr: float, *, total_steps: int, warmup_steps: int,
                 min_lr: float = 0.) -> optax.Schedule:
   """Linear warm-up from 0 to `peak_lr`, then half-cosine down to `min_lr`."""
   if warmup_steps >= total_steps:
-    raise ValueError(f'warm-up ({warmup_steps} steps) must be shorter than the '
+    raise UserError(f'warm-up ({warmup_steps} steps) must be shorter than the '
                      f'run ({total_steps} steps); reduce warmup_epochs.')
   return optax.warmup_cosine_decay_schedule(
       init_value=0., peak_value=peak_lr, warmup_steps=warmup_steps,
@@ -51,9 +53,9 @@ def lr_schedule(peak_lr: float, *, total_steps: int, warmup_steps: int,
 def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
   """cfg: b1, b2, weight_decay, clip ('per_tensor'|'global'|'none'), clip_norm."""
   if cfg.clip not in CLIP_MODES:
-    raise ValueError(f'optim.clip={cfg.clip!r}; valid: {CLIP_MODES}.')
+    raise UserError(f'optim.clip={cfg.clip!r}; valid: {CLIP_MODES}.')
   if cfg.clip != 'none' and not cfg.clip_norm > 0:
-    raise ValueError(f'optim.clip_norm={cfg.clip_norm!r} must be > 0.')
+    raise UserError(f'optim.clip_norm={cfg.clip_norm!r} must be > 0.')
   clip = {'per_tensor': lambda: clip_per_tensor(cfg.clip_norm),
           'global': lambda: optax.clip_by_global_norm(cfg.clip_norm),
           'none': optax.identity}[cfg.clip]()

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from droppos_jax import losses, masking
+from droppos_jax.errors import UserError
 from droppos_jax.models import droppos as droppos_model
 from droppos_jax.models import vit
 
@@ -29,7 +30,7 @@ class ObjectiveConfig:
     grid = vit.grid_size(self.image_hw, self.patch_size)
     masking.mask_counts(grid[0] * grid[1], self.mask_ratio, self.pos_drop_ratio)
     if not self.tau > 0:
-      raise ValueError(f'tau={self.tau!r} must be > 0 (the paper uses 0.1).')
+      raise UserError(f'tau={self.tau!r} must be > 0 (the paper uses 0.1).')
 
   @property
   def grid(self) -> tuple[int, int]:

@@ -41,8 +41,8 @@ def probe(config, workdir: str) -> dict:
 
 
 def main():
-  launch.run(probe, output_help='Folder for the results and the heat-map '
-             '(local or gs://).')
+  launch.run(probe, config_kind='position_probe', output_help='Folder for '
+             'the results and the heat-map (local or gs://).')
 
 
 if __name__ == '__main__':

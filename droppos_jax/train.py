@@ -247,7 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 
 def main():
-  launch.run(train, extra_flags=[launch.allow_config_change_flag])
+  launch.run(train, config_kind='pretrain',
+             extra_flags=[launch.allow_config_change_flag])
 
 
 if __name__ == '__main__':

@@ -28,8 +28,8 @@ def visualize(config, output: str) -> dict:
 
 
 def main():
-  launch.run(visualize, output='output', output_help='PNG file to write '
-             '(local or gs://).',
+  launch.run(visualize, config_kind='visualize', output='output',
+             output_help='PNG file to write (local or gs://).',
              default_config=launch.packaged_configs()['visualize'])
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from droppos_jax import pretrain
 from droppos_jax.data import device, sources
+from droppos_jax.errors import UserError
 from droppos_jax.models import droppos as droppos_model
 
 FEATURES = ('cls', 'gap')
@@ -102,13 +103,13 @@ class OnlineEvaluator:
     self.enabled = bool(c.enabled)
     self.every_steps = int(c.every_steps)
     if self.every_steps < 1:
-      raise ValueError(f'eval.every_steps={c.every_steps} must be >= 1.')
+      raise UserError(f'eval.every_steps={c.every_steps} must be >= 1.')
     if c.knn_feature not in FEATURES:
-      raise ValueError(f'eval.knn_feature={c.knn_feature!r}; valid: {FEATURES}.')
+      raise UserError(f'eval.knn_feature={c.knn_feature!r}; valid: {FEATURES}.')
     if not c.knn_temperature > 0:
-      raise ValueError(f'eval.knn_temperature={c.knn_temperature} must be > 0.')
+      raise UserError(f'eval.knn_temperature={c.knn_temperature} must be > 0.')
     if c.knn_k < 1:
-      raise ValueError(f'eval.knn_k={c.knn_k} must be >= 1.')
+      raise UserError(f'eval.knn_k={c.knn_k} must be >= 1.')
     if not self.enabled:
       return
     start = time.perf_counter()
@@ -130,7 +131,7 @@ class OnlineEvaluator:
     num_bank = int(host(self._bank, 'mask').sum())
     self._num_queries = int(host(self._queries, 'mask').sum())
     if c.knn_k > num_bank:
-      raise ValueError(f'eval.knn_k={c.knn_k} exceeds the {num_bank} bank '
+      raise UserError(f'eval.knn_k={c.knn_k} exceeds the {num_bank} bank '
                        'examples.')
     num_classes = int(max(host(self._bank, 'label').max(),
                           host(self._queries, 'label').max())) + 1

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from droppos_jax.errors import UserError
 from droppos_jax.models import vit
 
 PROBE_FEATURES = vit.POOLS
@@ -77,6 +78,6 @@ def linear_probe_from_variant(variant: str, num_classes: int, *,
                               feature: str = 'cls', dtype: Any = jnp.float32
                               ) -> LinearProbe:
   if feature not in PROBE_FEATURES:
-    raise ValueError(f'Probe feature {feature!r}; valid: {PROBE_FEATURES}.')
+    raise UserError(f'Probe feature {feature!r}; valid: {PROBE_FEATURES}.')
   return LinearProbe(vit.vit_from_variant(variant, dtype=dtype, pool=feature),
                      num_classes)

@@ -159,16 +159,16 @@ def droppos_from_config(variant: str, projector: str = 'default', *,
   `attention` is vit.attention_implementation's setting.
   """
   if projector not in PROJECTORS:
-    raise ValueError(f'Unknown projector {projector!r}; choose from '
+    raise UserError(f'Unknown projector {projector!r}; choose from '
                      f'{sorted(PROJECTORS)} (and override width/depth/num_heads).')
   proj = dict(zip(('width', 'depth', 'num_heads'), PROJECTORS[projector]))
   unknown = set(projector_overrides) - set(proj)
   if unknown:
-    raise ValueError(f'Unknown projector settings {sorted(unknown)}; valid: '
+    raise UserError(f'Unknown projector settings {sorted(unknown)}; valid: '
                      f'{sorted(proj)}.')
   proj.update({k: v for k, v in projector_overrides.items() if v is not None})
   if proj['width'] % proj['num_heads']:
-    raise ValueError(f'Projector width {proj["width"]} is not divisible by '
+    raise UserError(f'Projector width {proj["width"]} is not divisible by '
                      f'{proj["num_heads"]} heads.')
   vit.attention_implementation(attention, dtype)  # validates the name
   encoder = vit.vit_from_variant(variant, dtype=dtype, remat=remat,
