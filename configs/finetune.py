@@ -1,4 +1,5 @@
-r"""End-to-end fine-tuning recipes (spec §7, MAE/BEiT style), by `:arg`.
+r"""End-to-end fine-tuning recipes by `:arg` (MAE/BEiT style, as the DropPos
+paper fine-tunes).
 
   python finetune.py --config configs/finetune.py:variant=B/16 \
       --workdir gs://bucket/ft_b16 --config.init.path=gs://bucket/droppos_b16 \

@@ -1,4 +1,4 @@
-r"""Linear probing (MAE protocol, spec §7), by `:arg`.
+r"""Linear probing (the MAE protocol: frozen encoder, BatchNorm, LARS), by `:arg`.
 
   python finetune.py --config configs/linear_probe.py:variant=B/16 \
       --workdir gs://bucket/lin_b16 --config.init.path=gs://bucket/droppos_b16 \

@@ -1,4 +1,4 @@
-r"""DropPos pre-training recipes of the paper (spec §6), by `:arg`.
+r"""DropPos pre-training recipes of the paper (arXiv 2309.03576, §4 and Table 1), by `:arg`.
 
   python train.py --config configs/pretrain.py:variant=B/16,epochs=800 \
       --workdir gs://bucket/droppos_b16_800ep \

@@ -1,5 +1,6 @@
-"""Fine-tuning and linear probing (spec §7): models, optimizers with layer-wise
-lr decay, mixup/cutmix, initial weights, and the jit-able train/eval steps."""
+"""Fine-tuning and linear probing (MAE's protocols, with which the DropPos
+paper, arXiv 2309.03576, evaluates): models, optimizers with layer-wise lr
+decay, mixup/cutmix, initial weights, and the jit-able train/eval steps."""
 from __future__ import annotations
 
 import re

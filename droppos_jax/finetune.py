@@ -1,4 +1,5 @@
-r"""Fine-tuning and linear probing of a (DropPos pre-trained) ViT, spec §7.
+r"""Fine-tuning and linear probing of a (DropPos pre-trained) ViT, with MAE's
+recipes as the DropPos paper (arXiv 2309.03576) reports them.
 
   python finetune.py --config configs/finetune.py:demo --workdir runs/ft_demo \
       --config.init.path=runs/demo

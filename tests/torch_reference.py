@@ -2,8 +2,8 @@
 
 Same math and parameter names as the authors' code: pre-LN blocks, LayerNorm
 eps 1e-6, exact GELU, fused qkv, fixed sin-cos `pos_embed` stored in the state
-dict with a zero [cls] row. timm itself is not importable here (see
-ENVIRONMENT.md), so this is written out by hand.
+dict with a zero [cls] row. timm itself does not import here (its torchvision does not load
+beside torch 2.13), so this is written out by hand.
 """
 import numpy as np
 import torch

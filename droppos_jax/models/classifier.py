@@ -1,4 +1,5 @@
-"""Classification heads on a ViT encoder for the evaluation protocols (spec §7).
+"""Classification heads on a ViT encoder for the evaluation protocols: MAE's
+fine-tuning and linear probing, as the DropPos paper uses them.
 
 `ViTClassifier` is MAE's global-pool fine-tuning model: an encoder without a
 final norm that pools the mean of its patch tokens (not [cls]), then `fc_norm`

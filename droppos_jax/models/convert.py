@@ -1,6 +1,6 @@
 """Name mapping between PyTorch ViT/DropPos state dicts and our Flax params.
 
-Reference names (timm/MAE/DropPos, spec §8) map one-to-one onto ours:
+Reference names (timm/MAE, and the authors' DropPos repository Haochen-Wang409/DropPos) map one-to-one onto ours:
 `patch_embed.proj` -> `patch_embed`, `blocks.{i}.*` -> `blocks_{i}/*`,
 `decoder_embed|decoder_blocks.{i}|decoder_norm|decoder_pred` ->
 `projector/{embed,blocks_{i},norm,pred}`. Linear weights are transposed, the
