@@ -43,7 +43,8 @@ def tiny_config(image_dir, **overrides):
 
 
 def test_loss_falls_and_checkpoint_written(image_dir, tmp_path):
-  config = tiny_config(image_dir, num_train_steps=24, ckpt_every=12)
+  config = tiny_config(image_dir, num_train_steps=24, ckpt_every=12,
+                       profile_steps=(3, 5))
   out = train.train(config, str(tmp_path))
   losses = [out['losses'][s] for s in sorted(out['losses'])]
   assert len(losses) == 24 and np.isfinite(losses).all()
@@ -54,9 +55,13 @@ def test_loss_falls_and_checkpoint_written(image_dir, tmp_path):
   logged = [json.loads(l) for l in (tmp_path / 'train_metrics.jsonl').open()]
   assert [r['step'] for r in logged] == list(range(1, 25))
   for key in ('loss', 'acc1', 'acc1_unweighted', 'acc1_kept', 'dist_err',
-              'sigma', 'lr', 'grad_norm', 'param_norm', 'epoch'):
+              'sigma', 'lr', 'grad_norm', 'param_norm', 'epoch',
+              'images_per_sec', 'data_wait_frac', 'tflops_per_device'):
     assert key in logged[-1], key
+  assert all(0 <= r['data_wait_frac'] <= 1 for r in logged)
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+  # profile_steps=(3, 5): a jax.profiler trace of steps 3 and 4.
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
 
 
 def test_data_parallel_fsdp_and_single_device_agree(image_dir, tmp_path):
