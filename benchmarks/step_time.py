@@ -1,72 +1,366 @@
-r"""Times the pre-training step and the attentive pass's share of it.
+r"""Our jitted DropPos pre-training step against the authors' step in PyTorch.
 
-  python benchmarks/step_time.py --variant Ti/16 --image_size 224 --batch 32
+  python benchmarks/step_time.py       # Ti/16 batch 32 and B/16 batch 16, 224 px
+  python benchmarks/step_time.py --variants mu/16 --image_size 64 --steps 3
 
-Measures, for one jitted train step (forward + backward + AdamW), the wall
-time with and without attentive reconstruction; the difference is the cost
-of the extra full, gradient-free forward pass. Also reports bf16 compute.
-Prints a table; asserts nothing.
+Both sides do one float32 training step on the CPU with the same math: masks,
+the attentive pass, the soft-target loss, per-tensor gradient clipping to 5.0
+and AdamW (b1 .9, b2 .95, weight decay .05 on tensors with ndim > 1, warm-up +
+cosine lr), the paper's projector (width 512, depth 2, 16 heads). The authors'
+side is the torch model of tests/torch_reference.py, run as their code runs
+it: a second full forward pass for the attentive weights, AdamW over the two
+weight-decay groups. Ours is droppos_jax.pretrain.make_train_step, which
+embeds the patches once for both passes, stops the attentive pass's last
+block after the visible tokens and drops the projector's [cls] row.
+
+Each side runs in its own process (this script again, with --side), the two
+alternating --alternations times so that load from elsewhere falls on both.
+Each process uses every core it may run on, times --steps steps after two
+warm-up steps, and times a 2048^2 float32 matmul in its own framework before
+and after. Printed per model: median s/step and img/s of each side, the
+ratio, matmul FLOPs per step counted by hand for both sides (and, for ours,
+the dots in XLA's compiled program and XLA's cost_analysis total), and each
+side's matmul FLOP/s as a fraction of its framework's median matmul rate in
+the same process. Asserts nothing. Without torch it times ours alone.
 """
 import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import ml_collections
+from droppos_jax import masking
+from droppos_jax.errors import UserError
+from droppos_jax.models import droppos, vit
 
-from droppos_jax import optim, pretrain
-from droppos_jax.models import droppos
-
-
-def time_step(variant, image_size, batch, *, attentive, dtype, projector,
-              repeats):
-  model = droppos.droppos_from_config(variant, projector, dtype=dtype)
-  cfg = pretrain.ObjectiveConfig(
-      image_hw=(image_size, image_size),
-      patch_size=model.encoder.patch_size, attentive=attentive)
-  opt = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, weight_decay=0.05,
-                                       clip='per_tensor', clip_norm=5.0))
-  lr = optim.lr_schedule(1e-4, total_steps=1000, warmup_steps=10)
-  tx = optim.make_optimizer(opt, lr)
-  params = model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
-                      jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))['params']
-  state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params)}
-  step = jax.jit(pretrain.make_train_step(
-      model, tx, cfg, sigma_fn=lambda s: 1.0, lr_fn=lr, seed=0),
-                 donate_argnums=(0,))
-  images = jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 3))
-  state, m = step(state, images)  # compile
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    state, m = step(state, images)
-  jax.block_until_ready(m)
-  return (time.perf_counter() - t0) / repeats
+BATCH = {'Ti/16': 32, 'B/16': 16}  # default batch per variant, else 32
+PROJECTOR = 'default'  # the paper's: width 512, depth 2, 16 heads
+MATMUL_SIZE = 2048
+WARMUP_STEPS = 2
+# Objective and optimizer settings; any values do for timing.
+SIGMA, TAU, PEAK_LR, CLIP_NORM, WEIGHT_DECAY = 1.0, 0.1, 1.5e-4, 5.0, 0.05
+LR_WARMUP, LR_TOTAL = 10, 1000
+REFERENCE = pathlib.Path(__file__).resolve().parents[1] / 'tests' / 'torch_reference.py'
+RESULT = 'RESULT '  # prefix of a child's one line of JSON on stdout
+SIDES = {'torch': "authors' (torch)", 'jax': 'ours (jax)'}
 
 
-def main():
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """One benchmark setting and the counts that follow from it."""
+  variant: str
+  image_size: int
+  batch: int
+
+  @property
+  def size(self) -> vit.ViTSize:
+    return vit.decode_variant(self.variant)
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return vit.grid_size((self.image_size,) * 2, self.size.patch_size)
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  @property
+  def mask_counts(self) -> tuple[int, int]:
+    """(K visible patches, of which keep their PE) at the paper's ratios."""
+    return masking.mask_counts(self.num_patches, 0.75, 0.75)
+
+
+# ------------------------------------------------------------ FLOP counts ---
+
+def block_flops(tokens: int, queries: int, width: int, mlp_dim: int) -> int:
+  """Forward matmul FLOPs of one block for one sample: keys and values of
+  `tokens` rows; queries, attention, output projection and MLP of `queries`."""
+  return 2 * width * (2 * tokens * width + 2 * queries * width +
+                      2 * queries * tokens + 2 * queries * mlp_dim)
+
+
+def step_flops(shapes: Shapes, ours: bool) -> int:
+  """Matmul FLOPs of one training step as each side computes it (backward =
+  2 x forward; elementwise work, softmaxes and the optimizer left out)."""
+  size, n = shapes.size, shapes.num_patches
+  k = shapes.mask_counts[0]
+  width, depth, _ = droppos.PROJECTORS[PROJECTOR]
+  d, t = size.width, k + 1
+
+  def chain(num, dim, mlp_dim, tokens, last_queries):
+    return ((num - 1) * block_flops(tokens, tokens, dim, mlp_dim) +
+            block_flops(tokens, last_queries, dim, mlp_dim))
+
+  out = k if ours else t  # ours: the projector's last block skips [cls]
+  masked = (chain(size.depth, d, size.mlp_dim, t, t) + 2 * t * d * width +
+            chain(depth, width, 4 * width, t, out) + 2 * out * width * n)
+  attentive = chain(size.depth, d, size.mlp_dim, n + 1, t if ours else n + 1)
+  embed = lambda rows: 2 * rows * 3 * size.patch_size**2 * d
+  # The authors embed all N patches in each pass and take the kernel
+  # gradient over all N; ours embeds once and takes it over the K visible.
+  stem = embed(n) + embed(k) if ours else 3 * embed(n)
+  return shapes.batch * (3 * masked + attentive + stem)
+
+
+_INSTRUCTION = re.compile(r'%(\S+) = \w+\[([\d,]*)\]')
+_DOT = re.compile(r'%\S+ = \w+\[([\d,]*)\]\S* dot\(%([^,\s]+), .*?'
+                  r'lhs_contracting_dims=\{([\d,]*)\}')
+
+
+def hlo_dot_flops(hlo_text: str) -> int:
+  """FLOPs of every dot in an optimised HLO module's text: 2 x output size
+  x contracted size, the operand shapes looked up by instruction name."""
+  dims = lambda s: [int(x) for x in s.split(',') if x]
+  shapes = {name: dims(shape) for name, shape in _INSTRUCTION.findall(hlo_text)}
+  total = 0
+  for out, lhs, contracting in _DOT.findall(hlo_text):
+    total += 2 * math.prod(dims(out)) * math.prod(
+        shapes[lhs][i] for i in dims(contracting))
+  return total
+
+
+# ------------------------------------------------------------ the two sides ---
+
+def timed(step, state, steps: int, warmup: int = 0) -> list[float]:
+  """Wall times of `steps` calls `state = step(state)` after `warmup` calls."""
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state = step(state)
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return times
+
+
+def matmul_times(matmul) -> list[float]:
+  """Times of five MATMUL_SIZE^2 float32 products `matmul()` after one."""
+  return timed(lambda _: matmul(), None, 5, warmup=1)
+
+
+def build_jax_step(shapes: Shapes):
+  """(our compiled train step, its state, images) for `shapes`."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from droppos_jax import optim, pretrain
+
+  model = droppos.droppos_from_config(shapes.variant, PROJECTOR,
+                                      dtype=jnp.float32)
+  hw = (shapes.image_size,) * 2
+  cfg = pretrain.ObjectiveConfig(image_hw=hw, patch_size=shapes.size.patch_size,
+                                 tau=TAU)
+  lr = optim.lr_schedule(PEAK_LR, total_steps=LR_TOTAL, warmup_steps=LR_WARMUP)
+  tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
+      b1=0.9, b2=0.95, weight_decay=WEIGHT_DECAY, clip='per_tensor',
+      clip_norm=CLIP_NORM)), lr)
+  images = jax.random.normal(jax.random.key(1), (shapes.batch, *hw, 3))
+  init = lambda key: model.init(key, images[:1], jnp.zeros((1, 1), jnp.int32),
+                                jnp.ones((1, 1), bool))['params']
+  params = jax.jit(init)(jax.random.key(2))  # one compile, not one per op
+  state = {'step': jnp.int32(0), 'params': params,
+           'opt_state': jax.jit(tx.init)(params)}
+  train_step = pretrain.make_train_step(
+      model, tx, cfg, sigma_fn=lambda step: SIGMA, lr_fn=lr, seed=0)
+  compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, images).compile()
+  return compiled, state, images
+
+
+def time_jax(shapes: Shapes, steps: int) -> dict:
+  """Our step: timings, matmul times and the compiled program's FLOPs."""
+  import jax
+  import jax.numpy as jnp
+
+  a, b = jax.random.normal(jax.random.key(0), (2, MATMUL_SIZE, MATMUL_SIZE))
+  matmul = jax.jit(jnp.matmul)
+  mm = matmul_times(lambda: matmul(a, b).block_until_ready())
+  step, state, images = build_jax_step(shapes)
+  times = timed(lambda s: jax.block_until_ready(step(s, images)[0]), state,
+                steps, WARMUP_STEPS)
+  mm += matmul_times(lambda: matmul(a, b).block_until_ready())
+  return {'times': times, 'matmul_times': mm,
+          'cost_analysis_flops': float(step.cost_analysis()['flops']),
+          'dot_flops': hlo_dot_flops(step.as_text())}
+
+
+def torch_reference():
+  """tests/torch_reference.py (the authors' model in torch), by path."""
+  if not REFERENCE.is_file():
+    raise UserError(f'{REFERENCE} (the torch model) is missing: the torch side '
+                    'needs a source checkout of this repository; pass '
+                    '--skip_torch to time ours alone.')
+  spec = importlib.util.spec_from_file_location('torch_reference', REFERENCE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def authors_lr(step: int) -> float:
+  """MAE's per-iteration lr (lr_sched.adjust_learning_rate), the same
+  warm-up + half-cosine as optim.lr_schedule."""
+  if step < LR_WARMUP:
+    return PEAK_LR * step / LR_WARMUP
+  return PEAK_LR * 0.5 * (1. + math.cos(math.pi * (step - LR_WARMUP) /
+                                        (LR_TOTAL - LR_WARMUP)))
+
+
+def build_torch_step(shapes: Shapes):
+  """The authors' train step for `shapes`: step(i) -> i + 1."""
+  import torch
+
+  ref = torch_reference()
+  size = shapes.size
+  model = ref.DropPos((shapes.image_size,) * 2, size.patch_size, size.width,
+                      size.depth, size.num_heads, *droppos.PROJECTORS[PROJECTOR])
+  opt = torch.optim.AdamW(ref.decay_groups(model, WEIGHT_DECAY), lr=PEAK_LR,
+                          betas=(0.9, 0.95))
+  params = [p for p in model.parameters() if p.requires_grad]
+  gen = torch.Generator().manual_seed(0)
+  images = torch.randn(shapes.batch, 3, shapes.image_size, shapes.image_size,
+                       generator=gen)
+
+  def step(i):
+    ids_keep, drop_mask = ref.sample_masks(shapes.batch, shapes.num_patches,
+                                           *shapes.mask_counts, gen)
+    targets = ref.smoothing_targets(shapes.grid, SIGMA)
+    loss, _ = ref.droppos_loss(model, images, ids_keep, drop_mask, targets, TAU)
+    opt.zero_grad()
+    loss.backward()
+    ref.clip_per_tensor_([p.grad for p in params], CLIP_NORM)
+    for group in opt.param_groups:
+      group['lr'] = authors_lr(i)
+    opt.step()
+    return i + 1
+
+  return step
+
+
+def time_torch(shapes: Shapes, steps: int) -> dict:
+  """The authors' step in torch: timings and matmul times."""
+  import torch
+
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  a, b = torch.randn(2, MATMUL_SIZE, MATMUL_SIZE)
+  mm = matmul_times(lambda: a @ b)
+  times = timed(build_torch_step(shapes), 0, steps, WARMUP_STEPS)
+  mm += matmul_times(lambda: a @ b)
+  return {'times': times, 'matmul_times': mm}
+
+
+# ------------------------------------------------------------ the driver ---
+
+def child_env(cache_dir: str) -> dict:
+  """The environment of a timing process: the CPU only, as one device (fake
+  devices would split nothing but confuse the count), a shared compilation
+  cache so that later alternations skip XLA's compile."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             TF_CPP_MIN_LOG_LEVEL='2')
+  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\S+', '',
+                            env.get('XLA_FLAGS', '')).strip()
+  return env
+
+
+def run_side(side: str, shapes: Shapes, steps: int, cache_dir: str) -> dict:
+  """Times one side in a fresh process (this script with --side)."""
+  cmd = [sys.executable, __file__, '--side', side, '--variants', shapes.variant,
+         '--image_size', str(shapes.image_size), '--batch', str(shapes.batch),
+         '--steps', str(steps)]
+  proc = subprocess.run(cmd, capture_output=True, text=True,
+                        env=child_env(cache_dir))
+  lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT)]
+  if proc.returncode or not lines:
+    raise RuntimeError(f'{" ".join(cmd)} failed (exit {proc.returncode}):\n'
+                       f'{proc.stderr[-3000:]}')
+  return json.loads(lines[-1][len(RESULT):])
+
+
+def report(shapes: Shapes, runs: dict) -> None:
+  """Prints one model's table from {side: [result per alternation]}."""
+  proj = '/'.join(map(str, droppos.PROJECTORS[PROJECTOR]))
+  print(f'\n{shapes.variant}, {shapes.image_size} px, batch {shapes.batch}, '
+        f'float32, projector {proj}, {len(os.sched_getaffinity(0))} cores, '
+        f'{len(runs["jax"])} alternations x {len(runs["jax"][0]["times"])} steps')
+  print(f'{"":17s} {"s/step":>7s} {"img/s":>7s} {"GFLOP/step":>10s} '
+        f'{"GFLOP/s":>8s} {"matmul GFLOP/s":>14s} {"of matmul":>9s}')
+  median = {}
+  for side, results in runs.items():
+    median[side] = statistics.median(t for r in results for t in r['times'])
+    flops = step_flops(shapes, ours=side == 'jax')
+    peak = 2 * MATMUL_SIZE**3 / statistics.median(
+        t for r in results for t in r['matmul_times'])
+    print(f'{SIDES[side]:17s} {median[side]:7.3f} {shapes.batch / median[side]:7.1f} '
+          f'{flops / 1e9:10.1f} {flops / median[side] / 1e9:8.1f} '
+          f'{peak / 1e9:14.1f} {100 * flops / median[side] / peak:8.0f} %')
+  for side, results in runs.items():
+    medians = ' '.join(f'{statistics.median(r["times"]):.3f}' for r in results)
+    print(f'  {SIDES[side]} s/step per alternation: {medians}')
+  ours = runs['jax'][0]
+  print(f'  ours compiled: {ours["dot_flops"] / 1e9:.1f} GFLOP in dots, '
+        f'{ours["cost_analysis_flops"] / 1e9:.1f} GFLOP by cost_analysis')
+  if 'torch' in runs:
+    saved = 1 - step_flops(shapes, True) / step_flops(shapes, False)
+    print(f'  ours/authors img/s: {median["torch"] / median["jax"]:.3f}x; '
+          f'ours does {100 * saved:.1f} % fewer matmul FLOPs')
+
+
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--variant', default='Ti/16')
-  p.add_argument('--projector', default='default')
+  p.add_argument('--variants', nargs='+', default=list(BATCH),
+                 help='ViT variants, e.g. Ti/16 B/16')
   p.add_argument('--image_size', type=int, default=224)
-  p.add_argument('--batch', type=int, default=32)
-  p.add_argument('--repeats', type=int, default=5)
-  a = p.parse_args()
-  print(f'{a.variant}, {a.image_size}px, batch {a.batch}, projector '
-        f'{a.projector}, {jax.devices()[0].platform} x{jax.device_count()}')
-  rows = {}
-  for name, attentive, dtype in (('f32', True, jnp.float32),
-                                 ('f32 no-attentive', False, jnp.float32),
-                                 ('bf16', True, jnp.bfloat16),
-                                 ('bf16 no-attentive', False, jnp.bfloat16)):
-    rows[name] = time_step(a.variant, a.image_size, a.batch, attentive=attentive,
-                           dtype=dtype, projector=a.projector, repeats=a.repeats)
-    print(f'  {name:18s} {rows[name] * 1e3:8.1f} ms/step '
-          f'{a.batch / rows[name]:8.1f} img/s')
-  for prec in ('f32', 'bf16'):
-    share = 1 - rows[f'{prec} no-attentive'] / rows[prec]
-    print(f'  attentive pass share of the {prec} step: {100 * share:.1f} %')
+  p.add_argument('--batch', type=int, default=None,
+                 help=f'batch for every variant (default: {BATCH}, else 32)')
+  p.add_argument('--steps', type=int, default=10,
+                 help='timed steps per process, after two warm-up steps')
+  p.add_argument('--alternations', type=int, default=3)
+  p.add_argument('--skip_torch', action='store_true', help='time ours alone')
+  p.add_argument('--side', choices=sorted(SIDES), help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  for name in ('image_size', 'batch', 'steps', 'alternations'):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise UserError(f'--{name}={value} must be >= 1.')
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  settings = []
+  for variant in args.variants:
+    shapes = Shapes(variant, args.image_size, args.batch or BATCH.get(variant, 32))
+    shapes.grid  # validates the variant and the image size
+    settings.append(shapes)
+  if args.side:
+    timer = time_jax if args.side == 'jax' else time_torch
+    print(RESULT + json.dumps(timer(settings[0], args.steps)))
+    return
+  sides = ['torch', 'jax']
+  if args.skip_torch or importlib.util.find_spec('torch') is None:
+    sides = ['jax']
+    print('Timing ours only' + ('' if args.skip_torch else
+                                ' (torch is not installed).'))
+  else:
+    torch_reference()  # fails early, with a clear message, outside a checkout
+  with tempfile.TemporaryDirectory() as cache_dir:
+    for shapes in settings:
+      runs = {side: [] for side in sides}
+      for _ in range(args.alternations):
+        for side in sides:
+          runs[side].append(run_side(side, shapes, args.steps, cache_dir))
+      report(shapes, runs)
 
 
 if __name__ == '__main__':
-  main()
+  try:
+    main()
+  except UserError as e:
+    sys.exit(f'error: {e}')
