@@ -4,21 +4,25 @@ One row per image: the input; the visible patches (kept-PE ones outlined in
 blue); the PE-dropped patches at their true positions; the same patches pasted
 at their predicted (argmax) positions, outlined green where right and red
 where wrong; and the attentive weights of the full pass (the softmax of
-cos(cls, patch) / tau over all patches) as a heat-map.
+cos(cls, patch) / tau over all patches) as a heat-map. A strip below the rows
+holds the legend of the outlines and the heat-map's colour bar; the title says
+which checkpoint, step and images, never a machine path.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import json
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 from etils import epath
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
 
 from droppos_jax import losses, masking, sharding
 from droppos_jax.data import device, sources
@@ -26,9 +30,19 @@ from droppos_jax.errors import UserError
 from droppos_jax.models import droppos as droppos_model
 from droppos_jax.models import weights
 
-COLUMNS = ('input', 'visible patches', 'dropped-PE: true', 'predicted',
-           'attentive weights')
+COLUMNS = ('input', 'visible patches\n(the encoder input)',
+           'PE-dropped patches\nat their true positions',
+           'PE-dropped patches\nat predicted positions',
+           'attentive weights\nover the input')
 BLANK = (0.80, 0.86, 0.94)  # canvas: a blue-grey rare in photos
+KEPT, RIGHT, WRONG = 'tab:blue', 'lime', 'red'
+# Fixed strips (inches) above the rows (title, column names) and below them
+# (legend, colour bar), so a figure is B * panel + TOP + BOTTOM inches high.
+TOP_INCHES, BOTTOM_INCHES = 0.85, 0.8
+ROW_GAP_INCHES = 0.2   # under each row: the 'k/m right' line
+LEGEND_COLUMN_INCHES = 2.1
+SHORT_KIND = {'droppos': 'DropPos', 'classifier': 'fine-tuned',
+              'linear_probe': 'linear-probed', 'encoder': 'ViT encoder'}
 
 
 def load_droppos(path: str):
@@ -50,12 +64,79 @@ def load_droppos(path: str):
   # Pictures need no speed: float32 whatever the run computed in.
   model = w.droppos()
   objective = {'mask_ratio': 0.75, 'pos_drop_ratio': 0.75, 'tau': 0.1}
-  config_file = w.workdir / 'config.json' if w.workdir else None
-  if config_file is not None and config_file.exists():
-    saved = json.loads(config_file.read_text()).get('objective', {})
-    objective.update({k: saved[k] for k in objective if k in saved})
+  saved = run_config(w).get('objective', {})
+  objective.update({k: saved[k] for k in objective if k in saved})
   return model, w, objective
 
+
+def run_config(w: weights.Weights) -> dict[str, Any]:
+  """The config.json of the run `w` was read from; {} for files."""
+  config_file = w.workdir / 'config.json' if w.workdir else None
+  if config_file is None or not config_file.exists():
+    return {}
+  return json.loads(config_file.read_text())
+
+
+# ----------------------------------------------------------------- titles ---
+
+def weights_label(w: weights.Weights, path: str) -> str:
+  """"DropPos nano/8 'demo', step 6400": kind, size, the run folder's (or
+  file's) name and the step; the name only, never the full path."""
+  a = w.arch
+  size = a.variant or (f'ViT (width {a.width}, depth {a.depth}, '
+                       f'patch {a.patch_size})')
+  place = w.workdir or epath.Path(path)
+  name = place.name or place.absolute().name  # '.' has no name of its own
+  step = '' if w.step is None else f', step {w.step}'
+  return f"{SHORT_KIND.get(w.kind, w.kind)} {size} '{name}'{step}"
+
+
+def data_label(data_cfg: Mapping[str, Any],
+               pretrained_on: Optional[Mapping[str, Any]] = None) -> str:
+  """'demo val crops', 'imagenet2012 validation', "folder 'photos'": which
+  images (the folder's name only). With the run's pre-training data config,
+  adds whether these images were among the pre-training ones."""
+  source, split = data_cfg.get('source'), data_cfg.get('split')
+  if source == 'demo':
+    seed = data_cfg.get('seed') or 0
+    label = f'demo {split or "train"} crops' + (f', crop seed {seed}'
+                                                if seed else '')
+  elif source == 'folder':
+    label = f"folder '{epath.Path(data_cfg.get('path') or '').name}'"
+  elif source == 'tfds':
+    label = f'{data_cfg.get("name")} {split}'
+  else:
+    label = str(source)
+  return label + _seen(data_cfg, pretrained_on)
+
+
+def make_title(w: weights.Weights, path: str, data_cfg, *, right: int,
+               dropped: int, num_positions: int) -> str:
+  """The pictures' title: which checkpoint and step, which images, and how
+  many PE-dropped patches were placed right against chance (1 / positions)."""
+  shown = data_label(data_cfg, run_config(w).get('data'))
+  return (f'{weights_label(w, path)} - {shown}\n'
+          f'{100 * right / dropped:.0f} % of PE-dropped patches placed right '
+          f'({right} of {dropped}; chance {100 / num_positions:.1f} %)')
+
+
+def _seen(data_cfg, pretrained_on) -> str:
+  """' (never seen in pre-training)' for another split of the pre-training
+  source (the demo's splits are pixel-disjoint, TFDS's sample-disjoint);
+  ' (the pre-training split)' for its own; '' when it cannot tell."""
+  if not pretrained_on:
+    return ''
+  same = lambda key: data_cfg.get(key) == pretrained_on.get(key)
+  if not all(same(key) for key in ('source', 'name', 'path')):
+    return ''
+  split = lambda cfg: cfg.get('split') or 'train'
+  if data_cfg.get('source') != 'folder' and (split(data_cfg) !=
+                                            split(pretrained_on)):
+    return ' (never seen in pre-training)'
+  return ' (the pre-training split)'
+
+
+# ---------------------------------------------------------------- drawing ---
 
 def predict(model: droppos_model.DropPos, params, images, ids_keep, drop_mask,
             tau: float):
@@ -96,60 +177,136 @@ def _outline(ax, index, grid_w, p, color):
                          edgecolor=color, linewidth=1.5))
 
 
-def render(images_rgb, ids_keep, drop_mask, predicted, attention, *,
-           patch_size: int, path: str, panel_inches: float = 2.,
-           dpi: int = 100, title: Optional[str] = None) -> str:
-  """Writes the picture grid (see the module docstring) as a PNG of
-  len(COLUMNS) * panel_inches * dpi by B * panel_inches * dpi pixels.
+def _mark_pileups(ax, pred, drop, grid_w, p, cell_points):
+  """'×k' on cells where k > 1 PE-dropped patches were placed: only the last
+  pasted one shows."""
+  size = min(8., 0.45 * cell_points)
+  if size < 4:  # too small to read
+    return
+  for dst, k in collections.Counter(pred[drop].tolist()).items():
+    if k > 1:
+      r, c = divmod(int(dst), grid_w)
+      ax.text(c * p + .5, r * p + .5, f'×{k}', fontsize=size, ha='left',
+              va='top', color='w', fontweight='bold',
+              bbox=dict(boxstyle='square,pad=0.1', fc='k', ec='none',
+                        alpha=0.6))
+
+
+def _legend(fig: Figure, height: float, ncol: int) -> None:
+  """The outline colours and fills, in the bottom strip's left part."""
+  box = lambda **kw: Patch(linewidth=1.5, **kw)
+  entries = [
+      (box(fc='0.55', ec='none'), 'visible, PE dropped (to be placed)'),
+      (box(fc='none', ec=KEPT), 'visible, PE kept'),
+      (box(fc=BLANK, ec='0.6'), 'masked: the encoder never sees it'),
+      (box(fc='none', ec=RIGHT), 'placed at its true position'),
+      (box(fc='none', ec=WRONG), 'placed wrong'),
+      (Line2D([], [], ls='', marker='$×2$', ms=12, color='k'),
+       'two patches placed on one cell')]
+  fig.legend(*zip(*entries), loc='upper left', ncol=ncol, fontsize=7,
+             frameon=False, bbox_to_anchor=(0.01, BOTTOM_INCHES / height),
+             title='PE = position embedding', title_fontsize=7,
+             alignment='left', handlelength=1.4, columnspacing=1.,
+             borderaxespad=0.2)
+
+
+def _colorbar(fig: Figure, mappable, num_patches: int, width: float,
+              height: float, panel: float) -> None:
+  """A horizontal colour bar under the last column, uniform 1/N marked."""
+  cax = fig.add_axes([1 - (panel * 0.95) / width, 0.5 * BOTTOM_INCHES / height,
+                      0.9 * panel / width, 0.1 / height])
+  bar = fig.colorbar(mappable, cax=cax, orientation='horizontal')
+  uniform = 1. / num_patches
+  cax.axvline(uniform, color='c', linewidth=1.5)
+  bar.ax.tick_params(labelsize=6)
+  cax.set_title(f'attentive weight\n(sums to 1 over {num_patches} patches;\n'
+                f'cyan: uniform 1/{num_patches} = {uniform:.2g})', fontsize=7,
+                linespacing=1.1)
+
+
+def _row(row, image, ids_keep, drop_mask, predicted, attention, *, vmax: float,
+         p: int, cell_points: float):
+  """Draws one image's panels on the axes `row`; returns the heat-map."""
+  height, width, _ = image.shape
+  gw = width // p
+  # Right guesses last, so that they stay visible where guesses collide.
+  order = np.argsort(np.asarray(predicted) == np.asarray(ids_keep),
+                     kind='stable')
+  ids, drop, pred = (np.asarray(a)[order]
+                     for a in (ids_keep, drop_mask, predicted))
+  drop = drop.astype(bool)
+  visible, truth, guess = (np.broadcast_to(np.asarray(BLANK, image.dtype),
+                                           image.shape).copy()
+                           for _ in range(3))
+  for src, dropped, dst in zip(ids, drop, pred):
+    _paste(visible, image, src, src, gw, p)
+    if dropped:
+      _paste(truth, image, src, src, gw, p)
+      _paste(guess, image, src, dst, gw, p)
+  for ax, picture in zip(row, (image, visible, truth, guess, image)):
+    ax.imshow(picture, interpolation='nearest')
+    ax.set_xticks([])
+    ax.set_yticks([])
+  for src, dropped, dst in zip(ids, drop, pred):
+    if not dropped:
+      _outline(row[1], src, gw, p, KEPT)
+    else:
+      _outline(row[3], dst, gw, p, RIGHT if dst == src else WRONG)
+  _mark_pileups(row[3], pred, drop, gw, p, cell_points)
+  right = int(((pred == ids) & drop).sum())
+  row[3].set_xlabel(f'{right}/{int(drop.sum())} placed right', fontsize=8)
+  return row[4].imshow(attention, cmap='inferno', alpha=0.65, vmin=0.,
+                       vmax=vmax, extent=(-.5, width - .5, height - .5, -.5),
+                       interpolation='nearest')
+
+
+def figure(images_rgb, ids_keep, drop_mask, predicted, attention, *,
+           patch_size: int, panel_inches: float = 2., dpi: int = 100,
+           title: Optional[str] = None) -> Figure:
+  """The picture grid (see the module docstring): len(COLUMNS) * panel_inches
+  wide, B * panel_inches + TOP_INCHES + BOTTOM_INCHES high.
 
   images_rgb [B, H, W, 3] in [0, 1]; ids_keep, drop_mask, predicted
-  (argmax positions) [B, K]; attention [B, N].
+  (argmax positions) [B, K]; attention [B, N]. The attentive weights of all
+  rows share one colour scale, 0 to their maximum.
   """
   images_rgb = np.asarray(images_rgb)
+  attention = np.asarray(attention)
   b, height, width, _ = images_rgb.shape
   p = patch_size
   gh, gw = height // p, width // p
-  fig_h = b * panel_inches
-  fig = Figure(figsize=(len(COLUMNS) * panel_inches, fig_h), dpi=dpi)
-  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.2 / fig_h,
-                      top=1. - (0.6 if title else 0.3) / fig_h, wspace=0.04,
-                      hspace=0.2)
+  fig_w = len(COLUMNS) * panel_inches
+  fig_h = b * panel_inches + TOP_INCHES + BOTTOM_INCHES
+  fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+  fig.subplots_adjust(
+      left=0.01, right=0.99, bottom=(BOTTOM_INCHES + ROW_GAP_INCHES) / fig_h,
+      top=1. - TOP_INCHES / fig_h, wspace=0.04,
+      hspace=ROW_GAP_INCHES / (panel_inches - ROW_GAP_INCHES))
   if title:
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1. - 0.06 / fig_h, va='top')
   axes = fig.subplots(b, len(COLUMNS), squeeze=False)
+  for ax, name in zip(axes[0], COLUMNS):
+    ax.set_title(name, fontsize=8)
+  cell_points = 72. * panel_inches / max(gh, gw)
   for i in range(b):
-    image = images_rgb[i]
-    # Right guesses last, so that they stay visible where guesses collide.
-    order = np.argsort(np.asarray(predicted[i]) == np.asarray(ids_keep[i]),
-                       kind='stable')
-    ids, drop, pred = (np.asarray(a[i])[order] for a in (ids_keep, drop_mask,
-                                                        predicted))
-    visible, truth, guess = (np.broadcast_to(np.asarray(BLANK, image.dtype),
-                                             image.shape).copy()
-                             for _ in range(3))
-    for src, dropped, dst in zip(ids, drop, pred):
-      _paste(visible, image, src, src, gw, p)
-      if dropped:
-        _paste(truth, image, src, src, gw, p)
-        _paste(guess, image, src, dst, gw, p)
-    right = int(((pred == ids) & drop).sum())
-    row = axes[i]
-    for ax, picture in zip(row, (image, visible, truth, guess, image)):
-      ax.imshow(picture, interpolation='nearest')
-      ax.set_xticks([])
-      ax.set_yticks([])
-    for src, dropped, dst in zip(ids, drop, pred):
-      if not dropped:
-        _outline(row[1], src, gw, p, 'tab:blue')
-      else:
-        _outline(row[3], dst, gw, p, 'lime' if dst == src else 'red')
-    row[4].imshow(np.asarray(attention[i]).reshape(gh, gw), cmap='inferno',
-                  alpha=0.65, extent=(-.5, width - .5, height - .5, -.5),
-                  interpolation='nearest')
-    row[3].set_xlabel(f'{right}/{int(drop.sum())} right', fontsize=8)
-    if i == 0:
-      for ax, name in zip(row, COLUMNS):
-        ax.set_title(name, fontsize=9)
+    heat = _row(axes[i], images_rgb[i], ids_keep[i], drop_mask[i],
+                predicted[i], attention[i].reshape(gh, gw),
+                vmax=float(attention.max()), p=p, cell_points=cell_points)
+  # As many legend columns as fit left of the colour bar, 2 to 3.
+  ncol = int(np.clip((fig_w - panel_inches) // LEGEND_COLUMN_INCHES, 2, 3))
+  _legend(fig, fig_h, ncol=ncol)
+  _colorbar(fig, heat, gh * gw, fig_w, fig_h, panel_inches)
+  return fig
+
+
+def render(images_rgb, ids_keep, drop_mask, predicted, attention, *,
+           patch_size: int, path: str, panel_inches: float = 2.,
+           dpi: int = 100, title: Optional[str] = None) -> str:
+  """Writes `figure(...)` as a PNG of len(COLUMNS) * panel_inches * dpi by
+  (B * panel_inches + TOP_INCHES + BOTTOM_INCHES) * dpi pixels."""
+  fig = figure(images_rgb, ids_keep, drop_mask, predicted, attention,
+               patch_size=patch_size, panel_inches=panel_inches, dpi=dpi,
+               title=title)
   save_figure(fig, path, dpi=dpi)
   return path
 
@@ -159,28 +316,32 @@ def visualize_checkpoint(path: str, output: str, *, data_cfg, num_images: int,
                          pos_drop_ratio: Optional[float] = None,
                          **render_kwargs: Any) -> dict[str, Any]:
   """Renders `num_images` images of `data_cfg` through the checkpoint at
-  `path` (masks from key(seed)); returns {'path', 'acc', 'step'}."""
+  `path` (masks from key(seed)); returns {'path', 'acc', 'step', 'data' (which
+  images), 'title'}."""
   model, w, objective = load_droppos(path)
   mask_ratio = objective['mask_ratio'] if mask_ratio is None else mask_ratio
   pos_drop_ratio = (objective['pos_drop_ratio'] if pos_drop_ratio is None
                     else pos_drop_ratio)
   hw = w.image_hw
-  batch = next(device.eval_batches(sources.open_source(data_cfg), image_hw=hw, batch_size=num_images,
-                            num_examples=num_images,
-                            mesh=sharding.make_mesh(num_devices=1)))
+  batch = next(device.eval_batches(
+      sources.open_source(data_cfg), image_hw=hw, batch_size=num_images,
+      num_examples=num_images, mesh=sharding.make_mesh(num_devices=1)))
   n = model.encoder.patch_size
   grid = (hw[0] // n, hw[1] // n)
-  ids_keep, drop_mask = jax.jit(masking.sample_masks, static_argnums=(1, 2, 3, 4))(
-      jax.random.key(seed), num_images, grid[0] * grid[1], mask_ratio,
-      pos_drop_ratio)
+  ids_keep, drop_mask = jax.jit(
+      masking.sample_masks, static_argnums=(1, 2, 3, 4))(
+          jax.random.key(seed), num_images, grid[0] * grid[1], mask_ratio,
+          pos_drop_ratio)
   logits, attention = jax.jit(functools.partial(
       predict, model, tau=objective['tau']))(w.params, batch['image'],
                                              ids_keep, drop_mask)
   predicted = np.asarray(jnp.argmax(logits, axis=-1))
   drop = np.asarray(drop_mask)
-  acc = float(((predicted == np.asarray(ids_keep)) & drop).sum() / drop.sum())
-  title = (f'DropPos {w.arch.variant or "ViT"}, step {w.step}: '
-           f'{100 * acc:.0f}% of PE-dropped patches placed right')
+  right = int(((predicted == np.asarray(ids_keep)) & drop).sum())
+  acc = right / float(drop.sum())
+  text = make_title(w, path, data_cfg, right=right, dropped=int(drop.sum()),
+               num_positions=grid[0] * grid[1])
   render(denormalize(batch['image']), ids_keep, drop_mask, predicted, attention,
-         patch_size=n, path=output, title=title, **render_kwargs)
-  return {'path': output, 'acc': acc, 'step': w.step}
+         patch_size=n, path=output, title=text, **render_kwargs)
+  return {'path': output, 'acc': acc, 'step': w.step,
+          'data': data_label(data_cfg), 'title': text}

@@ -96,9 +96,21 @@ def probe_config_for(images, **overrides):
 
 
 def test_probe_end_to_end_on_position_coded_images(position_coded_images,
-                                                   tmp_path):
+                                                   tmp_path, monkeypatch):
+  titles = []
+  save = position_probe.save_heatmap
+  monkeypatch.setattr(position_probe, 'save_heatmap',
+                      lambda *a: titles.append(a[2]) or save(*a))
   config = probe_config_for(position_coded_images, num_eval_images=20)
   res = position_probe.run_probe(config, str(tmp_path), sharding.make_mesh())
+  # The title names the encoder, the held-out images by their folder's name
+  # (not its path), the grid and chance.
+  (title,) = titles
+  name = os.path.basename(position_coded_images)
+  assert title.startswith('Position probe of random init mu/8 (seed 0)\n'
+                          f"held out: folder '{name}'\nmean top-1 ")
+  assert title.endswith('over 4x4 positions (chance 6.2 %)')
+  assert position_coded_images not in title
   # 4x4 grid, 4 visible, 3 dropped: 32 images x 2 draws x 3 tokens.
   assert res['num_train_tokens'] == 192 and res['num_eval_tokens'] == 120
   assert 0. <= res['acc'] <= 1. and res['acc'] > 0.6, res
@@ -109,10 +121,37 @@ def test_probe_end_to_end_on_position_coded_images(position_coded_images,
   assert Image.open(png).format == 'PNG'
 
 
+def test_heatmap_colour_scale_follows_the_data():
+  per_position = np.full((4, 4), 0.09)
+  per_position[0, 0], per_position[3, 3] = 0.18, np.nan
+  fig = position_probe.heatmap_figure(per_position, 'title')
+  ax, bar = fig.axes
+  (im,) = ax.images
+  # 0 to the best accuracy rounded up to 5 %: 9 % and 18 % are far apart in
+  # colour (a fixed 0-1 scale put them 9 % of the map apart).
+  assert im.get_clim() == (0., 0.2)
+  assert abs(im.norm(0.18) - im.norm(0.09)) == pytest.approx(0.45)
+  # Chance (1/16) is a line on the colour bar and named in its label.
+  assert any(np.allclose(line.get_ydata(), 1 / 16) for line in bar.lines)
+  assert 'chance 6.2 %' in bar.get_ylabel()
+  texts = [t.get_text() for t in ax.texts]
+  assert len(texts) == 16 and texts.count('9') == 14
+  assert texts[0] == '18' and texts[-1] == '-'
+  # The scale floor is twice chance (12.5 % here), rounded up to 5 %; a best
+  # of exactly 15 % is not rounded further; below 20 % cells get a decimal.
+  for best, vmax in ((0.01, 0.15), (0.15, 0.15), (0.97, 1.)):
+    fig = position_probe.heatmap_figure(np.full((4, 4), best), 'title')
+    assert fig.axes[0].images[0].get_clim() == (0., vmax), best
+  assert fig.axes[0].texts[0].get_text() == '97'
+  fig = position_probe.heatmap_figure(np.full((4, 4), 0.01), 'title')
+  assert fig.axes[0].texts[0].get_text() == '1.0'
+
+
 def test_load_encoder_sources(tiny_run, tmp_path):
   workdir, params = tiny_run
   frozen = position_probe.load_encoder(workdir)
   assert frozen.image_hw == (32, 32) and frozen.encoder.width == 32
+  assert frozen.label == f"DropPos mu/8 '{os.path.basename(workdir)}', step 7"
   np.testing.assert_array_equal(frozen.mask_pos_token,
                                 params['mask_pos_token'])
   # PyTorch layout (.npz needs no torch): same weights, grid from pos_embed;

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from droppos_jax import masking, pictures
@@ -36,13 +37,15 @@ OPTIMIZERS = ('adamw', 'sgd')
 
 @dataclasses.dataclass
 class FrozenEncoder:
-  """A ViT to probe: module, params, the mask token (or None) and the
-  resolution it was trained at (None if unknown)."""
+  """A ViT to probe: module, params, the mask token (or None), the
+  resolution it was trained at (None if unknown), a description (with the
+  path read) and a label for titles (the run's name only, no path)."""
   encoder: vit.VisionTransformer
   params: Any
   mask_pos_token: Optional[jax.Array]
   image_hw: Optional[tuple[int, int]]
   description: str
+  label: str
 
 
 def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
@@ -60,15 +63,15 @@ def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
     p = encoder.patch_size
     params = jax.jit(encoder.init)(jax.random.key(seed),
                                    jnp.zeros((1, p, p, 3)))['params']
-    return FrozenEncoder(encoder, params, None, None,
-                         f'random init {variant} (seed {seed})')
+    name = f'random init {variant} (seed {seed})'
+    return FrozenEncoder(encoder, params, None, None, name, name)
   w = weights.read(init, what='init.path', num_heads=num_heads)
   w.check_fixed_pe()
   token = w.mask_pos_token
   return FrozenEncoder(
       w.vit(), jax.tree.map(jnp.asarray, w.encoder_params(final_norm=True)),
       None if token is None else jnp.asarray(token, jnp.float32),
-      w.image_hw, w.description)
+      w.image_hw, w.description, pictures.weights_label(w, init))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -168,24 +171,42 @@ def position_accuracy(head, features, labels, grid_hw: Sequence[int]):
   return float(correct.mean()), per_position, counts.reshape(grid_hw), float(dist)
 
 
-def save_heatmap(per_position: np.ndarray, path: str, title: str) -> str:
-  """PNG heat-map of accuracy per grid position (0..1), cells annotated when
-  the grid is small enough to read."""
+def heatmap_figure(per_position: np.ndarray, title: str) -> Figure:
+  """Heat-map of accuracy per grid position (NaN: no token there). The
+  colour scale runs from 0 to the best position's accuracy rounded up to 5 %,
+  at least twice chance (1 / positions, marked on the colour bar), so that
+  low accuracies differ in colour; cells show their % when the grid is small
+  enough to read."""
   h, w = per_position.shape
-  fig = Figure(figsize=(5.2, 4.2 * h / w + 0.6), dpi=100, layout='constrained')
+  chance = 1. / per_position.size
+  finite = per_position[np.isfinite(per_position)]
+  top = max(finite.max() if finite.size else 0., 2 * chance)
+  vmax = min(1., np.ceil(top * 20. - 1e-9) / 20.)
+  fig = Figure(figsize=(5.2, 4.2 * h / w + 0.8), dpi=100, layout='constrained')
   ax = fig.add_subplot()
-  im = ax.imshow(per_position, vmin=0., vmax=1., cmap='viridis')
-  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='top-1 accuracy')
+  im = ax.imshow(per_position, vmin=0., vmax=vmax, cmap='viridis')
+  bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04,
+                     format=ticker.PercentFormatter(1., decimals=0))
+  bar.ax.axhline(chance, color='r', linewidth=2)
+  bar.set_label(f'held-out top-1 accuracy (red: chance {100 * chance:.1f} %)')
   if h * w <= 256:
+    digits = 0 if vmax >= 0.2 else 1
+    size = float(np.clip(0.3 * 72 * 4.2 / max(h, w), 6, 11))  # ~1/3 of a cell
     for (r, c), v in np.ndenumerate(per_position):
-      ax.text(c, r, '-' if np.isnan(v) else f'{100 * v:.0f}', ha='center',
-              va='center', fontsize=7, color='w' if v < 0.6 else 'k')
+      ax.text(c, r, '-' if np.isnan(v) else f'{100 * v:.{digits}f}',
+              ha='center', va='center', fontsize=size,
+              color='w' if v < 0.6 * vmax else 'k')
   ax.set_title(title, fontsize=9)
-  ax.set_xlabel('column')
-  ax.set_ylabel('row')
-  ax.set_xticks(range(per_position.shape[1]))
-  ax.set_yticks(range(per_position.shape[0]))
-  pictures.save_figure(fig, path)
+  ax.set_xlabel('patch column')
+  ax.set_ylabel('patch row')
+  for axis in (ax.xaxis, ax.yaxis):
+    axis.set_major_locator(ticker.MaxNLocator(integer=True))
+  return fig
+
+
+def save_heatmap(per_position: np.ndarray, path: str, title: str) -> str:
+  """Writes heatmap_figure(per_position, title) as a PNG to `path`."""
+  pictures.save_figure(heatmap_figure(per_position, title), path)
   return path
 
 
@@ -243,6 +264,8 @@ def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
   if jax.process_index() == 0:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     save_heatmap(per_position, epath.Path(workdir) / 'position_accuracy.png',
-                 f'{frozen.description}\nheld-out position top-1, mean '
-                 f'{100 * acc:.1f}% (chance {100 / (grid[0] * grid[1]):.1f}%)')
+                 f'Position probe of {frozen.label}\nheld out: '
+                 f'{pictures.data_label(config.eval_data)}\nmean top-1 '
+                 f'{100 * acc:.1f} % over {grid[0]}x{grid[1]} positions '
+                 f'(chance {100 * results["chance"]:.1f} %)')
   return results
