@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from droppos_jax import masking, pictures
 from droppos_jax.data import device, sources
+from droppos_jax.errors import UserError
 from droppos_jax.losses import grid_coords
 from droppos_jax.models import vit, weights
 
@@ -112,7 +113,7 @@ def extract_dropped_tokens(frozen: FrozenEncoder, batches: Iterable[dict], *,
       feats.append(f[take])
       labels.append(ids[take])
   if not feats:
-    raise ValueError('The probe data yielded no batch.')
+    raise UserError('The probe data yielded no batch.')
   return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
 
 
@@ -123,9 +124,9 @@ def train_linear_head(features, labels, num_classes: int, *, steps: int,
   """A linear softmax classifier {'kernel' [D, C], 'bias' [C]} fitted by
   mini-batch `optimizer` with a cosine lr, all steps in one jitted scan."""
   if optimizer not in OPTIMIZERS:
-    raise ValueError(f'Unknown optimizer {optimizer!r}; valid: {OPTIMIZERS}.')
+    raise UserError(f'Unknown optimizer {optimizer!r}; valid: {OPTIMIZERS}.')
   if steps < 1 or batch_size < 1:
-    raise ValueError(f'steps={steps} and batch_size={batch_size} must be >= 1.')
+    raise UserError(f'steps={steps} and batch_size={batch_size} must be >= 1.')
   schedule = optax.cosine_decay_schedule(lr, steps)
   tx = (optax.adamw(schedule, weight_decay=weight_decay)
         if optimizer == 'adamw' else optax.chain(
@@ -222,8 +223,8 @@ def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
   size = config.image_size
   if size is None:
     if frozen.image_hw is None:
-      raise ValueError(f'{frozen.description} has no training resolution; '
-                       'set image_size.')
+      raise UserError(f'{frozen.description} has no training resolution; '
+                      'set image_size.')
     hw = frozen.image_hw
   else:
     hw = (size, size) if np.ndim(size) == 0 else tuple(size)
