@@ -122,17 +122,44 @@ def unfinished_steps(directory: str | epath.Path) -> list[int]:
                  and not (p / COMMIT_MARKER).exists()), reverse=True)
 
 
-def unreadable_reason(error: BaseException) -> str:
-  """One short line saying why reading failed: the innermost cause (Orbax
-  wraps TensorStore's message in a bare Exception), without its spec dump."""
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it was raised from, outermost first."""
+  chain = [error]
   while error.__cause__ is not None or (
       error.__context__ is not None and not error.__suppress_context__):
     error = error.__cause__ or error.__context__
+    chain.append(error)
+  return chain
+
+
+def _one_line(error: BaseException) -> str:
   text = (str(error).strip().splitlines() or [''])[0]
   text = text.split(' [tensorstore_spec=')[0]
   if len(text) > 240:
     text = text[:240] + '...'
   return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def unreadable_reason(error: BaseException) -> str:
+  """One short line saying why reading failed: the innermost cause (Orbax
+  wraps TensorStore's message in a bare Exception), without its spec dump."""
+  return _one_line(_chain(error)[-1])
+
+
+# TensorStore reports storage failures as ValueErrors led by these statuses.
+STORAGE_STATUSES = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'UNAVAILABLE',
+                    'UNAUTHENTICATED', 'DEADLINE_EXCEEDED', 'DATA_LOSS')
+
+
+def write_failure(error: BaseException) -> Optional[str]:
+  """One line saying why a checkpoint write failed when the storage refused
+  it (an OSError such as a full disk, or TensorStore's status for one), else
+  None: any other error is a bug and keeps its traceback."""
+  for e in _chain(error):
+    if isinstance(e, OSError) or (isinstance(e, ValueError) and str(e).startswith(
+        tuple(f'{status}: ' for status in STORAGE_STATUSES))):
+      return _one_line(e)
+  return None
 
 
 def newest_readable(steps: Sequence[int], restore: Callable[[int], T], *,

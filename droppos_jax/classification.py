@@ -12,17 +12,39 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from droppos_jax import optim
 from droppos_jax.errors import UserError
 from droppos_jax.models import classifier, convert, vit, weights
 
 PROTOCOLS = ('finetune', 'linear_probe')
+# The fields each protocol reads beyond the shared ones, and its config file.
+PROTOCOL_FIELDS = {
+    'finetune': (('model', 'drop_path_rate'), ('model', 'remat'),
+                 ('optim', 'b1'), ('optim', 'b2'), ('optim', 'layer_decay')),
+    'linear_probe': (('model', 'feature'), ('optim', 'momentum'))}
+PROTOCOL_CONFIGS = {'finetune': 'configs/finetune.py',
+                    'linear_probe': 'configs/linear_probe.py'}
+
+
+def check_protocol(config) -> None:
+  """`config.protocol` is known and the config has the fields it reads (a
+  linear-probe config switched to 'finetune' lacks drop_path_rate...)."""
+  protocol = config.protocol
+  if protocol not in PROTOCOLS:
+    raise UserError(f'protocol={protocol!r}; valid: {PROTOCOLS}.')
+  missing = [f'{group}.{name}' for group, name in PROTOCOL_FIELDS[protocol]
+             if name not in config[group]]
+  if missing:
+    raise UserError(
+        f'protocol={protocol!r} needs {", ".join(missing)}, which this config '
+        f'lacks (it was made for another protocol); start from '
+        f'{PROTOCOL_CONFIGS[protocol]} instead.')
 
 
 def build_model(config, num_classes: int):
   """ViTClassifier (fine-tune) or LinearProbe, from `config.model`."""
   m = config.model
-  if config.protocol not in PROTOCOLS:
-    raise UserError(f'protocol={config.protocol!r}; valid: {PROTOCOLS}.')
+  check_protocol(config)
   dtype = vit.compute_dtype(m.dtype)
   if config.protocol == 'linear_probe':
     return classifier.linear_probe_from_variant(
@@ -80,6 +102,7 @@ def make_optimizer(config, lr_fn: optax.Schedule, params: Any
   encoder gets no update and no optimizer state."""
   o = config.optim
   if config.protocol == 'finetune':
+    optim.check_adamw(o)
     if not 0 < o.layer_decay <= 1:
       raise UserError(f'optim.layer_decay={o.layer_decay} must be in (0, 1].')
     depth = vit.decode_variant(config.model.variant).depth
@@ -87,6 +110,11 @@ def make_optimizer(config, lr_fn: optax.Schedule, params: Any
         optax.adamw(lr_fn, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                     mask=finetune_decay_mask),
         scale_by_tree(layer_scales(params, depth, o.layer_decay)))
+  if not 0 <= o.momentum < 1:
+    raise UserError(f'optim.momentum={o.momentum} must be in [0, 1) (LARS '
+                    'momentum; MAE uses 0.9).')
+  if not o.weight_decay >= 0:
+    raise UserError(f'optim.weight_decay={o.weight_decay} must be >= 0.')
   matrices = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
   lars = optax.lars(lr_fn, weight_decay=o.weight_decay,
                     weight_decay_mask=matrices, trust_ratio_mask=matrices,

@@ -70,6 +70,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if num_classes < source.num_classes:
     raise UserError(f'num_classes={num_classes} is fewer than the '
                     f'{source.num_classes} classes of {source.description}.')
+  if val_source.num_classes > num_classes:
+    raise UserError(f'val_data: {val_source.description} has '
+                    f'{val_source.num_classes} classes, more than the '
+                    f'{num_classes} the model predicts; set num_classes or '
+                    'use the classes of data.')
   if num_classes < 2:
     raise UserError(f'{num_classes} class(es): a classifier needs >= 2 (set '
                     'num_classes or use a folder with a subfolder per class).')

@@ -28,6 +28,7 @@ Exit statuses:
 """
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import importlib.util
 import logging as std_logging
@@ -37,6 +38,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from absl import app, flags, logging
+from etils import epath
 import jax
 from ml_collections import config_flags
 
@@ -86,12 +88,33 @@ def _resolve_config_argv(argv: Sequence[str]) -> list[str]:
   out, it = [], iter(argv)
   for a in it:
     if a.startswith('--config='):
-      a = '--config=' + resolve_config(a[len('--config='):])
+      a = '--config=' + _checked_config(a[len('--config='):])
     elif a == '--config':
       out.append(a)
-      a = resolve_config(next(it, ''))
+      a = _checked_config(next(it, ''))
     out.append(a)
   return out
+
+
+def _checked_config(value: str) -> str:
+  """resolve_config(value), whose get_config(arg) ran: a bad `:arg` fails
+  here as one line (the flag parser would wrap it in a traceback)."""
+  resolved = resolve_config(value)
+  try:
+    _load_config_file(resolved)
+  except UserError as e:
+    raise UserError(f'--config {value}: {e}') from None
+  return resolved
+
+
+def _config_value(argv: Sequence[str], name: str) -> Optional[str]:
+  """The value of --<name> in (resolved) `argv`, if given."""
+  for i, a in enumerate(argv):
+    if a.startswith(f'--{name}='):
+      return a.split('=', 1)[1]
+    if a == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def _load_config_file(value: str) -> Any:
@@ -117,31 +140,35 @@ def check_config_kind(config: Any, reference: str, command: str) -> None:
         f'Configs for {command}: {", ".join(fitting)} (configs/<name>.py).')
 
 
-def _unknown_field_message(name: str, key: str) -> str:
-  """Names the override that asked for field `key` and the valid fields."""
-  argv = _resolve_config_argv(sys.argv[1:])
-  override = next((a for a in argv if re.match(rf'--{name}\.(\S+\.)?{key}(=|$)', a)),
-                  f'--{name}.…{key}')
-  parent = override.split('=', 1)[0].split('.')[1:-1]
-  try:
-    config = _load_config_file(flags.FLAGS[name].config_filename)
-    for part in parent:
-      config = config[part]
-    valid = ', '.join(sorted(config.keys()))
-  except Exception:  # pylint: disable=broad-except
-    valid = 'see the config file'
-  where = '.'.join(parent) or name
-  return f'Unknown config field {key!r} in {override}; fields of {where}: {valid}.'
+def _unknown_field_message(name: str, argv: Sequence[str],
+                           default: Optional[str] = None) -> str:
+  """Names the first `--<name>.<field>` override of `argv` that reaches a
+  field the config (--<name>, else `default`) lacks, and the fields valid
+  at that level."""
+  config = _load_config_file(_config_value(argv, name) or default)
+  for arg in argv:
+    match = re.match(rf'--{name}\.([\w.]+)(=|$)', arg)
+    if not match:
+      continue
+    node, where = config, name
+    for part in match.group(1).split('.'):
+      fields = sorted(node.keys()) if hasattr(node, 'keys') else []
+      if part not in fields:
+        close = difflib.get_close_matches(part, fields, n=1)
+        hint = f' (did you mean {close[0]!r}?)' if close else ''
+        return (f'Unknown config field {part!r} in {arg}{hint}; fields of '
+                f'{where}: {", ".join(fields) or "none"}.')
+      node, where = node[part], f'{where}.{part}'
+  return f'An override --{name}.… names a field the config lacks.'
 
 
-def _read_config(name: str) -> Any:
+def _read_config(name: str, default: Optional[str] = None) -> Any:
   """The parsed config flag; its lazy errors become one-line UserErrors."""
   try:
     return getattr(flags.FLAGS, name)
-  except AttributeError as e:  # An override of a field the config lacks.
-    key = re.search(r"'(\w+)'", str(e))
-    raise UserError(_unknown_field_message(name, key.group(1) if key else str(e))
-                    ) from None
+  except (AttributeError, KeyError):  # An override of a field the config lacks.
+    raise UserError(_unknown_field_message(
+        name, _resolve_config_argv(sys.argv[1:]), default)) from None
   except (OSError, ImportError, SyntaxError) as e:
     raise UserError(f'Could not load --{name}: {str(e).splitlines()[0]}') from None
 
@@ -272,6 +299,21 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
 
 
+def _exit_on_flag_error(parse: Callable[[], Any],
+                        default_config: Optional[str]) -> Any:
+  """Runs `parse` (defining or parsing the flags); a mistake in the flags
+  exits with one line naming it."""
+  try:
+    return parse()
+  except UserError as e:
+    sys.exit(f'error: {e}')
+  except (AttributeError, KeyError):  # --config.<field> the config lacks
+    sys.exit('error: ' + _unknown_field_message(
+        'config', _resolve_config_argv(sys.argv[1:]), default_config))
+  except flags.Error as e:
+    sys.exit(f'error: {str(e).strip().splitlines()[0]} (see --help).')
+
+
 def _exit_on_user_error(what: Callable[[], Any]) -> Any:
   try:
     return what()
@@ -295,17 +337,15 @@ def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
   A UserError anywhere becomes `error: <message>` and exit status 1; a run
   that returns {'stopped': 'preempted'|'interrupted'} exits with 75 or 130.
   """
-  names = _define_flags(output, output_help, default_config, extra_flags)
+  # A default config is parsed, overrides included, when it is defined.
+  names = _exit_on_flag_error(lambda: _define_flags(
+      output, output_help, default_config, extra_flags), default_config)
   for name in names:  # So that --help lists them, one line each.
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
   def parse(argv):
-    try:
-      return flags.FLAGS(_resolve_config_argv(argv))
-    except UserError as e:
-      sys.exit(f'error: {e}')
-    except flags.Error as e:
-      sys.exit(f'error: {e}\nPass --help to see the flags.')
+    return _exit_on_flag_error(
+        lambda: flags.FLAGS(_resolve_config_argv(argv)), default_config)
 
   def main(argv):
     if len(argv) > 1:
@@ -313,10 +353,13 @@ def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
                '--name=value (see --help).')
     f = flags.FLAGS
     logging.get_absl_logger().addFilter(_QuietOrbax())
-    config = _exit_on_user_error(lambda: _read_config('config'))
+    config = _exit_on_user_error(lambda: _read_config('config', default_config))
     if config is None or (output and not f[output].value):
       required = '--config' + (f' and --{output} are' if output else ' is')
       sys.exit(f'error: {required} required (see --help).')
+    if output:
+      _exit_on_user_error(lambda: check_output_path(
+          f[output].value, folder=output == 'workdir', flag=output))
     if config_kind:
       _exit_on_user_error(lambda: check_config_kind(
           config, config_kind, os.path.basename(sys.argv[0])))
@@ -341,6 +384,23 @@ def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
   app.run(main, flags_parser=parse)
 
 
+# ------------------------------------------------------------------ outputs ---
+
+def check_output_path(path: str, *, folder: bool, flag: str) -> None:
+  """Refuses an output location that cannot be written as asked: a file
+  where a folder is wanted (or the reverse), or a path under a file."""
+  path = epath.Path(path)
+  if path.exists() and path.is_dir() != folder:
+    raise UserError(
+        f'--{flag} {path} is a {"file" if folder else "folder"}; expected '
+        f'{"a folder (new or existing)" if folder else "a file name"}.')
+  for parent in path.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise UserError(f'--{flag} {path}: {parent} is a file, not a folder.')
+      break
+
+
 # ------------------------------------------------------- config-derived sizes ---
 
 def image_hw(config) -> tuple[int, int]:
@@ -358,6 +418,22 @@ def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
   if steps_per_epoch < 1:
     raise UserError(f'batch_size={config.batch_size} exceeds the {num_examples} '
                     'training examples; lower it.')
-  total = (config.num_train_steps if config.num_train_steps > 0
-           else int(config.epochs * steps_per_epoch))
-  return steps_per_epoch, total, int(config.warmup_epochs * steps_per_epoch)
+  steps = config.num_train_steps
+  if steps == 0 or steps < -1:
+    raise UserError(f'num_train_steps={steps} must be > 0, or -1 to train for '
+                    f'epochs={config.epochs}.')
+  if steps == -1 and not config.epochs > 0:
+    raise UserError(f'epochs={config.epochs} must be > 0 (or set '
+                    'num_train_steps > 0).')
+  if config.warmup_epochs < 0:
+    raise UserError(f'warmup_epochs={config.warmup_epochs} must be >= 0.')
+  total = steps if steps > 0 else int(config.epochs * steps_per_epoch)
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  if total < 1:
+    raise UserError(f'epochs={config.epochs} is less than one step of '
+                    f'batch_size={config.batch_size} over {num_examples} '
+                    'examples; raise it.')
+  if warmup >= total:
+    raise UserError(f'warmup_epochs={config.warmup_epochs} ({warmup} steps) '
+                    f'must be shorter than the run ({total} steps); reduce it.')
+  return steps_per_epoch, total, warmup

@@ -34,6 +34,18 @@ def _squared_distances(grid_hw: Sequence[int]) -> np.ndarray:
   return ((coords[:, None, :] - coords[None, :, :])**2).sum(-1)
 
 
+def check_official_grid(grid_hw: Sequence[int], width: int) -> None:
+  """The reference's s x s smoothing map must cover the patch grid."""
+  h, w = int(grid_hw[0]), int(grid_hw[1])
+  if width * width < h * w:
+    raise UserError(
+        f'official_grid_width={width} (objective.official_quirks: the '
+        'reference builds its smoothing map on an (image width // 14)-wide '
+        f'grid) gives {width * width} positions, fewer than the {h * w} '
+        f'patches of the {h}x{w} grid; set objective.official_quirks=False '
+        'for this image and patch size.')
+
+
 def smoothing_targets(grid_hw: Sequence[int], sigma,
                       official_grid_width: Optional[int] = None) -> jax.Array:
   """[N, N] soft targets: row a is exp(-d^2(a, .)/sigma^2), normalised.
@@ -54,9 +66,7 @@ def smoothing_targets(grid_hw: Sequence[int], sigma,
     targets = jax.nn.softmax(logits, axis=-1)
     return jnp.where(positive, targets, jnp.eye(n, dtype=jnp.float32))
   s = int(official_grid_width)
-  if s * s < n:
-    raise UserError(f'official_grid_width={s} gives {s * s} positions, fewer '
-                     f'than the {n} patches of the {h}x{w} grid.')
+  check_official_grid(grid_hw, s)
   # Columns are normalised; the diagonal term exp(0) = 1 keeps sums >= 1.
   weights = jnp.exp(-jnp.asarray(_squared_distances((s, s))) * inv_s2)
   weights = jnp.where(positive, weights, jnp.eye(s * s, dtype=jnp.float32))

@@ -42,6 +42,9 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
 def lr_schedule(peak_lr: float, *, total_steps: int, warmup_steps: int,
                 min_lr: float = 0.) -> optax.Schedule:
   """Linear warm-up from 0 to `peak_lr`, then half-cosine down to `min_lr`."""
+  if not 0 <= min_lr <= peak_lr:
+    raise UserError(f'optim.min_lr={min_lr} must be in [0, {peak_lr:.3g}] (the '
+                    'peak lr, optim.blr * batch_size / 256).')
   if warmup_steps >= total_steps:
     raise UserError(f'warm-up ({warmup_steps} steps) must be shorter than the '
                      f'run ({total_steps} steps); reduce warmup_epochs.')
@@ -50,8 +53,20 @@ def lr_schedule(peak_lr: float, *, total_steps: int, warmup_steps: int,
       decay_steps=total_steps, end_value=min_lr)
 
 
+def check_adamw(cfg: Any) -> None:
+  """AdamW's settings `cfg.b1`, `cfg.b2` and `cfg.weight_decay`."""
+  for name in ('b1', 'b2'):
+    value = getattr(cfg, name)
+    if not 0 <= value < 1:
+      raise UserError(f'optim.{name}={value} must be in [0, 1) (a decay rate '
+                      'of the moment estimates, e.g. 0.9 or 0.999).')
+  if not cfg.weight_decay >= 0:
+    raise UserError(f'optim.weight_decay={cfg.weight_decay} must be >= 0.')
+
+
 def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
   """cfg: b1, b2, weight_decay, clip ('per_tensor'|'global'|'none'), clip_norm."""
+  check_adamw(cfg)
   if cfg.clip not in CLIP_MODES:
     raise UserError(f'optim.clip={cfg.clip!r}; valid: {CLIP_MODES}.')
   if cfg.clip != 'none' and not cfg.clip_norm > 0:

@@ -29,6 +29,8 @@ class ObjectiveConfig:
   def __post_init__(self):
     grid = vit.grid_size(self.image_hw, self.patch_size)
     masking.mask_counts(grid[0] * grid[1], self.mask_ratio, self.pos_drop_ratio)
+    if self.official_grid_width is not None:
+      losses.check_official_grid(grid, self.official_grid_width)
     if not self.tau > 0:
       raise UserError(f'tau={self.tau!r} must be > 0 (the paper uses 0.1).')
 

@@ -14,7 +14,9 @@
   or under one, and a workdir that already holds a run must hold this run:
   a config that differs in a field that changes the run (model, data, init,
   schedule lengths, ...) is refused naming each field and both values, unless
-  `allow_config_change`. Only then are the lock and config.json written.
+  `allow_config_change`. Only then are the lock and config.json written. A
+  workdir without a complete checkpoint holds nothing to resume: a corrected
+  config starts afresh there.
 - One trainer per workdir: `lock.json` names its holder (host, pid) and is
   refreshed every minute; a second trainer is refused while it is fresh. A
   lock left by a killed run (same host and the pid is gone, or no refresh for
@@ -29,11 +31,13 @@
   host through JAX's preemption sync point, so all save the same step and
   stop with status 'preempted'. On one process SIGTERM stops as 'preempted'
   and Ctrl-C as 'interrupted', after saving. A second Ctrl-C quits at once.
-- The metric logs (*_metrics.jsonl) keep each step once after a resume.
+- The metric logs (*_metrics.jsonl) keep each step once after a resume (or
+  a fresh start after a try that saved no checkpoint).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -50,7 +54,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from droppos_jax import checkpoint
+from droppos_jax import checkpoint, launch
 from droppos_jax.metric_logging import format_duration
 from droppos_jax.errors import UserError
 
@@ -61,6 +65,8 @@ OPERATIONAL_FIELDS = (
     'log_every', 'ckpt_every', 'keep_ckpts', 'eval', 'profile_steps',
     'num_devices', 'mesh', 'grad_accum_steps', 'model.remat',
     'eval_batch_size', 'eval_every_epochs')
+# errno of writes refused by the storage, not by a mistake in the code.
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 LOCK_NAME = 'lock.json'
 LOCK_REFRESH_SECONDS = 60
 LOCK_STALE_SECONDS = 600
@@ -85,6 +91,18 @@ def config_changes(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
   return [(k, a.get(k, '<absent>'), b.get(k, '<absent>'))
           for k in sorted(set(a) | set(b))
           if not operational(k) and a.get(k, '<absent>') != b.get(k, '<absent>')]
+
+
+def check_operational_fields(config) -> None:
+  """The run's cadences, checked before anything is written."""
+  for name in ('log_every', 'ckpt_every', 'keep_ckpts'):
+    if not config[name] >= 1:
+      raise UserError(f'{name}={config[name]} must be >= 1.')
+  profile = config.get('profile_steps', (0, 0))
+  if not (isinstance(profile, (tuple, list)) and len(profile) == 2 and (
+      profile[1] == 0 or 0 <= profile[0] < profile[1])):
+    raise UserError(f'profile_steps={profile!r} must be (first, stop) with '
+                    '0 <= first < stop, or (0, 0) for no profile.')
 
 
 def _config_json(config) -> dict:
@@ -235,9 +253,7 @@ class Run:
     self.stopped: Optional[str] = None
     self.last_saved: Optional[int] = None
     self.final_meta: Optional[dict] = None
-    if config.ckpt_every < 1 or config.log_every < 1:
-      raise UserError(f'ckpt_every={config.ckpt_every} and log_every='
-                      f'{config.log_every} must be >= 1.')
+    check_operational_fields(config)
     self._stack = contextlib.ExitStack()
     self._ckpts: Optional[checkpoint.Checkpoints] = None
     self._signals: Optional[_StopSignals] = None
@@ -257,12 +273,20 @@ class Run:
     self._stack.callback(self._signals.restore)
     return self
 
-  def __exit__(self, *exc_info) -> None:
+  def __exit__(self, exc_type, exc, tb) -> None:
     try:
       self._stack.close()
-    except OSError as e:  # An async save that failed surfaces here.
-      if exc_info[0] is None:
-        raise UserError(self._write_failure(e)) from None
+    except Exception as e:  # pylint: disable=broad-except
+      # An async save that failed surfaces here (after the run's own error,
+      # if any, which then goes on).
+      reason = checkpoint.write_failure(e)
+      if reason is None:
+        raise
+      if exc is None:
+        raise UserError(self._write_failure(reason)) from None
+    if isinstance(exc, OSError) and exc.errno in FULL_OR_READ_ONLY:
+      # The disk filled (or turned read-only) while writing logs.
+      raise UserError(self._write_failure(_first_line(exc))) from None
 
   def enter_context(self, manager):
     """Closes `manager` (a logger...) when the run ends, errors included."""
@@ -285,17 +309,19 @@ class Run:
   def _claim_workdir(self) -> None:
     """Checks, then the lock and config.json: nothing is written on failure."""
     wd = self.workdir
-    for parent in [wd, *wd.parents]:
-      if parent.exists():
-        if not parent.is_dir():
-          raise UserError(f'--workdir {wd}: {parent} is a file, not a folder.')
-        break
+    launch.check_output_path(wd, folder=True, flag='workdir')
     saved_file = wd / 'config.json'
     new = _config_json(self.config)
     if saved_file.exists():
       saved = json.loads(saved_file.read_text())
       changes = config_changes(saved, new)
-      if changes and not self.allow_config_change:
+      if changes and not checkpoint.complete_steps(wd / 'checkpoints'):
+        # Nothing to resume (the last try failed before its first save):
+        # the corrected config starts afresh.
+        logging.warning('%s holds no checkpoint: starting afresh with this '
+                        'config (it changes %s).', wd,
+                        ', '.join(k for k, _, _ in changes))
+      elif changes and not self.allow_config_change:
         listed = '; '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in changes[:8])
         more = f' (and {len(changes) - 8} more)' if len(changes) > 8 else ''
         raise UserError(
@@ -321,6 +347,8 @@ class Run:
     """
     steps = self._ckpts.all_steps()
     if not steps:
+      if self.is_main:
+        self._trim_logs(0)  # lines of a try that saved no checkpoint
       return init_fn(), 0
     step, (state, meta) = checkpoint.newest_readable(
         steps[::-1], functools.partial(self._restore, abstract_state),
@@ -374,8 +402,12 @@ class Run:
       self._ckpts.save(step, state, meta)
       if self.stopped or step == self.total_steps:
         self._ckpts.wait_until_finished()
-    except OSError as e:
-      raise UserError(self._write_failure(e, step)) from None
+    except Exception as e:  # pylint: disable=broad-except
+      # Saves are asynchronous: this may be an earlier step's write failing.
+      reason = checkpoint.write_failure(e)
+      if reason is None:
+        raise
+      raise UserError(self._write_failure(reason)) from None
     self.last_saved = step
     self.final_meta = meta
     if self.stopped:
@@ -389,10 +421,14 @@ class Run:
     return (f'The last good checkpoint is step {self.last_saved} in '
             f'{self._ckpts.directory}.')
 
-  def _write_failure(self, e: BaseException, step: Optional[int] = None) -> str:
-    what = f'checkpoint step {step}' if step is not None else 'a checkpoint'
-    return (f'Writing {what} to {self.workdir} failed ({_first_line(e)}). '
-            f'{self.last_good()}')
+  def _write_failure(self, reason: str) -> str:
+    """The message for a failed write; the last good checkpoint is the
+    newest complete one on disk (an asynchronous save may have failed)."""
+    steps = checkpoint.complete_steps(self._ckpts.directory)
+    good = (f'The last good checkpoint is step {steps[0]} in '
+            f'{self._ckpts.directory}' if steps else 'No checkpoint was saved yet')
+    return (f'Writing to {self.workdir} failed ({reason}). {good}; free space '
+            '(or fix the permissions) and rerun the same command to resume.')
 
   # --------------------------------------------------------------- reports
   def report_complete(self, metrics_text: str) -> None:

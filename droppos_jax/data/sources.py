@@ -109,7 +109,8 @@ def open_source(cfg) -> Source:
 
 def _open_demo(cfg) -> Source:
   split = cfg.get('split') or 'train'
-  crop = cfg.get('crop_size') or 96
+  crop = cfg.get('crop_size')
+  crop = 96 if crop is None else crop
   num = demo.check_args(split, cfg.get('num_images'), crop)
   crop_seed = cfg.get('seed') or 0  # another seed: other crops, same photos
 

@@ -190,6 +190,9 @@ def read(path: str | epath.Path, *, what: str = 'weights',
   overrides the encoder's head count for widths outside vit.VARIANTS.
   Bad input raises a one-line UserError.
   """
+  if num_heads is not None and not num_heads >= 1:
+    raise UserError(f'num_heads={num_heads} must be >= 1 (or unset: from the '
+                    'weights).')
   if not str(path) or not epath.Path(path).exists():
     raise UserError(f'{what} {str(path)!r} does not exist: expected {ACCEPTED}.')
   path = epath.Path(path)
@@ -197,6 +200,10 @@ def read(path: str | epath.Path, *, what: str = 'weights',
     weights = _read_run(path, what, num_heads)
   else:
     weights = _read_file(path, what, num_heads)
+  width = weights.arch.width
+  if num_heads is not None and width % num_heads:
+    raise UserError(f'num_heads={num_heads} does not divide the width {width} '
+                    f'of {weights.source}; use a divisor of {width}.')
   logging.info('Read %s', weights.summary())
   return weights
 
@@ -315,8 +322,16 @@ def _describe(data: bytes) -> str:
   if not data:
     return 'it is empty'
   if data[:4] == b'PK\x03\x04':
+    try:
+      zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+      return ('it is a truncated or damaged zip archive, the container '
+              'of .pth and .npz files')
     return 'it is a zip archive of neither a PyTorch file nor .npy arrays'
-  head = data[:24].decode('utf-8', 'replace')
+  try:
+    head = data[:24].decode('utf-8')
+  except UnicodeDecodeError:
+    return f'it starts with the bytes {data[:12]!r}'
   return f'it starts with {head!r}'
 
 
@@ -391,8 +406,8 @@ def _load_safetensors(data: bytes, path):
     tensors = load(data)
     header = json.loads(data[8:8 + int.from_bytes(data[:8], 'little')])
   except Exception as e:  # pylint: disable=broad-except  # a damaged file
-    raise UserError(f'{path} is not a readable .safetensors file '
-                    f'({checkpoint.unreadable_reason(e)}).') from None
+    raise UserError(f'{path} is not a readable .safetensors file, truncated '
+                    f'or damaged ({checkpoint.unreadable_reason(e)}).') from None
   return tensors, _our_metadata(header.get('__metadata__'))
 
 
@@ -414,7 +429,8 @@ def _load_torch(data: bytes, path):
     raise UserError(
         f'{path} is a PyTorch file: reading it needs PyTorch (`pip install '
         'torch`), or convert it where torch is installed: `python export.py '
-        f'{path.name} {path.stem}.safetensors`.') from None
+        f'--config.init.path={path.name} --output={path.stem}.safetensors`.'
+    ) from None
   try:
     # MAE-style files pickle the training args; a Namespace is plain data.
     with torch.serialization.safe_globals([argparse.Namespace]):
