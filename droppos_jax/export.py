@@ -30,7 +30,7 @@ from etils import epath
 import numpy as np
 
 from droppos_jax import launch
-from droppos_jax.errors import UserError
+from droppos_jax.errors import UserError, writing
 from droppos_jax.models import convert, vit, weights
 
 SUFFIXES = ('.safetensors', '.pth', '.pt', '.npz')
@@ -101,8 +101,9 @@ def write(state: Mapping[str, np.ndarray], meta: Mapping[str, str],
       torch.save({'model': {k: torch.tensor(v) for k, v in arrays.items()},
                   'metadata': dict(meta)}, buffer)
     data = buffer.getvalue()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(data)
+  with writing(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def export(source: str, output: str, *, num_heads: Optional[int] = None,

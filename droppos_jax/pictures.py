@@ -26,7 +26,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from droppos_jax import losses, masking, sharding
 from droppos_jax.data import device, sources
-from droppos_jax.errors import UserError
+from droppos_jax.errors import UserError, writing
 from droppos_jax.models import droppos as droppos_model
 from droppos_jax.models import weights
 
@@ -52,15 +52,15 @@ def load_droppos(path: str):
   `objective` holds mask_ratio, pos_drop_ratio and tau from the run's
   config.json when present, else the paper's defaults.
   """
-  w = weights.read(path, what='checkpoint')
+  w = weights.read(path, what='init.path')
   if w.kind != 'droppos':
     raise UserError(
-        f'checkpoint: {w.description} has no DropPos projector (the position '
+        f'init.path: {w.description} has no DropPos projector (the position '
         'head these pictures show); pass a DropPos pre-training workdir, one '
         'of its step folders or a DropPos weights file.')
   w.check_fixed_pe()
   if w.image_hw is None:
-    raise UserError(f'checkpoint: {w.source} does not tell its image size.')
+    raise UserError(f'init.path: {w.source} does not tell its image size.')
   # Pictures need no speed: float32 whatever the run computed in.
   model = w.droppos()
   objective = {'mask_ratio': 0.75, 'pos_drop_ratio': 0.75, 'tau': 0.1}
@@ -153,8 +153,9 @@ def save_figure(fig: Figure, path, **kwargs: Any) -> None:
   png = io.BytesIO()
   fig.savefig(png, format='png', **kwargs)
   path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(png.getvalue())
+  with writing(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png.getvalue())
 
 
 def denormalize(images) -> np.ndarray:

@@ -17,6 +17,7 @@ from etils import epath
 import jax
 
 from droppos_jax import launch, sharding
+from droppos_jax.errors import writing
 from droppos_jax.evaluators import position_probe
 
 
@@ -26,8 +27,10 @@ def probe(config, workdir: str) -> dict:
       config, workdir, sharding.make_mesh(num_devices=config.num_devices))
   results['seconds'] = time.perf_counter() - start
   if jax.process_index() == 0:
-    (epath.Path(workdir) / 'position_probe.json').write_text(json.dumps(
-        {'results': results, 'config': config.to_dict()}, indent=1))
+    path = epath.Path(workdir) / 'position_probe.json'
+    with writing(path):
+      path.write_text(json.dumps({'results': results,
+                                  'config': config.to_dict()}, indent=1))
   logging.info('%s: held-out position top-1 %.1f%% (train %.1f%%, chance '
                '%.1f%%), grid distance %.2f, %d/%d tokens, %.0f s.',
                results['init'], 100 * results['acc'], 100 * results['train_acc'],

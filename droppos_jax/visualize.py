@@ -11,6 +11,8 @@ from __future__ import annotations
 from droppos_jax import launch, pictures
 from droppos_jax.errors import UserError
 
+MAX_IMAGES = 64  # rows of one picture
+
 
 def visualize(config, output: str) -> dict:
   if not config.init.path:
@@ -18,6 +20,9 @@ def visualize(config, output: str) -> dict:
                     'workdir, one of its step folders or a DropPos weights file.')
   if config.num_images < 1:
     raise UserError(f'num_images={config.num_images} must be >= 1.')
+  if config.num_images > MAX_IMAGES:
+    raise UserError(f'num_images={config.num_images}: at most {MAX_IMAGES} '
+                    'images fit one picture.')
   out = pictures.visualize_checkpoint(
       config.init.path, output, data_cfg=config.data,
       num_images=config.num_images, seed=config.seed,

@@ -264,6 +264,15 @@ CASES = [
     ('probe_position', {'init.path': '{files}/encoder.npz', 'num_heads': 3},
      r'^num_heads=3 does not divide the width 32 of \S+/encoder\.npz; use a '
      r'divisor of 32\.$'),
+    ('probe_position', {'head.optimizer': 'lbfgs'},
+     r"^head\.optimizer='lbfgs'; valid: \('adamw', 'sgd'\)\.$"),
+    ('probe_position', {'head.steps': 0},
+     r'^head\.steps=0 and head\.batch_size=1024 must be >= 1\.$'),
+    ('probe_position', {'head.lr': -0.1},
+     r'^head\.lr=-0\.1 must be > 0 and head\.weight_decay=0\.0001 >= 0\.$'),
+    ('probe_position', {'mask_draws': 0}, r'^mask_draws=0 must be >= 1\.$'),
+    ('visualize', {'init.path': '{files}/pretraining', 'num_images': 1000},
+     r'^num_images=1000: at most 64 images fit one picture\.$'),
     ('visualize', {}, r'^--config\.init\.path is required: a DropPos '
      r'pre-training workdir, one of its step folders or a DropPos weights file'),
     ('visualize', {'init.path': '{files}/pretraining', 'num_images': 0},

@@ -117,16 +117,27 @@ def extract_dropped_tokens(frozen: FrozenEncoder, batches: Iterable[dict], *,
   return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
 
 
+def check_head(*, optimizer: str, steps: int, batch_size: int, lr: float,
+               weight_decay: float = 0.) -> None:
+  """The probe head's settings (config `head`), checked before any work."""
+  if optimizer not in OPTIMIZERS:
+    raise UserError(f'head.optimizer={optimizer!r}; valid: {OPTIMIZERS}.')
+  if steps < 1 or batch_size < 1:
+    raise UserError(f'head.steps={steps} and head.batch_size={batch_size} '
+                    'must be >= 1.')
+  if not lr > 0 or weight_decay < 0:
+    raise UserError(f'head.lr={lr} must be > 0 and head.weight_decay='
+                    f'{weight_decay} >= 0.')
+
+
 def train_linear_head(features, labels, num_classes: int, *, steps: int,
                       batch_size: int, lr: float, optimizer: str = 'adamw',
                       weight_decay: float = 0., momentum: float = 0.9,
                       seed: int = 0) -> dict[str, jax.Array]:
   """A linear softmax classifier {'kernel' [D, C], 'bias' [C]} fitted by
   mini-batch `optimizer` with a cosine lr, all steps in one jitted scan."""
-  if optimizer not in OPTIMIZERS:
-    raise UserError(f'Unknown optimizer {optimizer!r}; valid: {OPTIMIZERS}.')
-  if steps < 1 or batch_size < 1:
-    raise UserError(f'steps={steps} and batch_size={batch_size} must be >= 1.')
+  check_head(optimizer=optimizer, steps=steps, batch_size=batch_size, lr=lr,
+             weight_decay=weight_decay)
   schedule = optax.cosine_decay_schedule(lr, steps)
   tx = (optax.adamw(schedule, weight_decay=weight_decay)
         if optimizer == 'adamw' else optax.chain(
@@ -214,6 +225,11 @@ def save_heatmap(per_position: np.ndarray, path: str, title: str) -> str:
 def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """Probes `config.init.path` (configs/position_probe.py fields); writes
   the heat-map position_accuracy.png to `workdir` and returns the results."""
+  h = config.head
+  check_head(optimizer=h.optimizer, steps=h.steps, batch_size=h.batch_size,
+             lr=h.lr, weight_decay=h.weight_decay)
+  if config.mask_draws < 1:
+    raise UserError(f'mask_draws={config.mask_draws} must be >= 1.')
   frozen = load_encoder(config.init.path, variant=config.variant, seed=config.seed,
                         num_heads=config.num_heads)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
