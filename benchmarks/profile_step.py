@@ -7,9 +7,10 @@ two warm-up steps) with jax.profiler, XLA's per-op trace events on, and sums
 each compiled op's time by kind (matmuls, transposes and copies, gathers and
 scatters, other elementwise and reduction fusions) and by part of the step
 (the attentive pass, the masked pass's forward, the backward, the rest:
-masks, loss, optimizer). `idle` is the step's wall time during which no op
-ran (dispatch, host work, waiting). Ops may overlap on the cores, so the
-kinds can add up to more than the busy time. Asserts nothing.
+masks, loss, optimizer). `busy` is the step's wall time during which some
+op ran, `idle` the rest (dispatch, host work, waiting). Independent ops may
+run side by side on the cores, so the summed op times exceed `busy`; the
+percentages are shares of that sum. Asserts nothing.
 """
 import argparse
 import collections
@@ -104,11 +105,11 @@ def report(wall: float, ops, hlo_text: str, steps: int, top: int) -> None:
     by_kind[kind] += e['dur']
     by_part[part_of(op_name), kind] += e['dur']
     by_op[re.sub(r'blocks_\d+', 'blocks_*', op_name), kind] += e['dur']
-  busy = busy_time(ops)
+  busy, summed = busy_time(ops), sum(by_kind.values())
   print(f'{1e3 * wall:.1f} ms per step: ops busy {ms(busy):.1f} ms, idle '
-        f'{1e3 * wall - ms(busy):.1f} ms')
+        f'{1e3 * wall - ms(busy):.1f} ms; op times summed {ms(summed):.1f} ms')
   for kind in KINDS:
-    print(f'  {kind:22s} {ms(by_kind[kind]):8.1f} ms {100 * by_kind[kind] / busy:5.1f} %')
+    print(f'  {kind:22s} {ms(by_kind[kind]):8.1f} ms {100 * by_kind[kind] / summed:5.1f} %')
   print('by part of the step (ms): ' + ' | '.join(KINDS))
   for part in ('attentive pass', 'masked forward', 'backward',
                'masks, loss, optimizer'):

@@ -1,7 +1,8 @@
 r"""Our jitted DropPos pre-training step against the authors' step in PyTorch.
 
   python benchmarks/step_time.py       # Ti/16 batch 32 and B/16 batch 16, 224 px
-  python benchmarks/step_time.py --variants mu/16 --image_size 64 --steps 3
+  python benchmarks/step_time.py --variants mu/16 --image_size 64 --steps 3 \
+      --alternations 1                  # a quick check, well under a minute
 
 Both sides do one float32 training step on the CPU with the same math: masks,
 the attentive pass, the soft-target loss, per-tensor gradient clipping to 5.0

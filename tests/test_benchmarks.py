@@ -1,6 +1,5 @@
-"""benchmarks/step_time.py: its FLOP counts against independent counters and
-its quick mode end to end."""
-import importlib.util
+"""benchmarks/: step_time.py's FLOP counts against independent counters and
+its quick mode end to end; profile_step.py's op kinds and busy time."""
 import pathlib
 import subprocess
 import sys
@@ -9,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks' / 'step_time.py'
-_spec = importlib.util.spec_from_file_location('step_time', SCRIPT)
-step_time = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(step_time)
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'
+sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other so
+import profile_step  # noqa: E402
+import step_time  # noqa: E402
+
+SCRIPT = BENCHMARKS / 'step_time.py'
 
 SHAPES = step_time.Shapes('mu/8', 48, 3)  # N = 36 patches, K = 9 visible
 
@@ -72,3 +73,22 @@ def test_bad_settings_are_one_line_errors():
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
   assert proc.stderr.startswith("error: Unknown ViT variant 'X/16'")
+
+
+def test_profile_kinds_from_the_compiled_program():
+  f = jax.jit(lambda x, i: ((x @ x.T).sum(), x.T * 2., x[i], jnp.exp(x)))
+  x = jnp.arange(12.).reshape(3, 4)
+  info = profile_step.instructions(f.lower(x, jnp.array([2, 0])).compile().as_text())
+  kinds = {op_name.split('/')[-1]: kind for kind, op_name in info.values()
+           if op_name.startswith('jit(')}
+  assert kinds == {'dot_general': 'matmul', 'reduce_sum': 'elementwise/reduce',
+                   'mul': 'transpose/copy',  # x.T fused into the product
+                   'gather': 'gather/scatter', 'exp': 'elementwise/reduce'}
+  assert profile_step.part_of('jit(f)/transpose(jvp(M))/a/dot') == 'backward'
+  assert profile_step.part_of('jit(f)/jvp(M)/M._full_pass/b') == 'attentive pass'
+
+
+def test_profile_busy_time_merges_overlaps():
+  events = [{'ts': 0., 'dur': 10.}, {'ts': 5., 'dur': 10.},
+            {'ts': 30., 'dur': 1.}, {'ts': 2., 'dur': 3.}]
+  assert profile_step.busy_time(events) == 16.

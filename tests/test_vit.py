@@ -1,3 +1,5 @@
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -153,3 +155,30 @@ def test_attention_implementation_per_backend():
   assert impl('xla', jnp.bfloat16, 'gpu') == 'xla'
   with pytest.raises(ValueError, match="attention='flash'"):
     impl('flash', jnp.float32, 'cpu')
+
+
+def test_float32_attention_is_jax_dot_product_attention():
+  """The heads-first float32 attention computes jax.nn.dot_product_attention:
+  outputs and gradients, with fewer queries than keys (as `rows` gives)."""
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (2, 3, 4, 8))
+  k, v = (jax.random.normal(key, (2, 5, 4, 8)) for key in (kk, kv))
+  ours = lambda *qkv: vit.dot_product_attention(*qkv, 'xla')
+  theirs = lambda *qkv: jax.nn.dot_product_attention(*qkv, implementation='xla')
+  np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), atol=1e-6)
+  weighted = lambda f: lambda *qkv: (f(*qkv) * jnp.arange(8.)).sum()
+  for g_ours, g_theirs in zip(jax.grad(weighted(ours), (0, 1, 2))(q, k, v),
+                              jax.grad(weighted(theirs), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_ours, g_theirs, atol=1e-5)
+
+
+def test_gelu_is_exact():
+  """x * Phi(x) and its derivative Phi(x) + x * phi(x), from math.erf in
+  float64."""
+  x = np.linspace(-6., 6., 1201)
+  phi_cdf = np.array([0.5 * (1 + math.erf(t / math.sqrt(2))) for t in x])
+  density = np.exp(-x**2 / 2) / math.sqrt(2 * math.pi)
+  x32 = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(vit.gelu(x32), x * phi_cdf, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(vit.gelu))(x32),
+                             phi_cdf + x * density, rtol=1e-5, atol=1e-6)
