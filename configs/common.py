@@ -69,7 +69,13 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
       projector_width=config_dict.placeholder(int),
       projector_depth=config_dict.placeholder(int),
       projector_heads=config_dict.placeholder(int), dtype='float32',
-      remat=False))
+      remat=False,
+      # The attentive pass (forward only): 'auto' = bfloat16 matmuls on TPUs
+      # and GPUs (softmax and cosine stay float32), the model dtype elsewhere.
+      attentive_dtype='auto',
+      # jax.nn.dot_product_attention: 'auto' = cuDNN on GPUs in half
+      # precision, XLA elsewhere; or 'xla' / 'cudnn'.
+      attention='auto'))
   c.objective = ml_collections.ConfigDict(dict(
       mask_ratio=0.75, pos_drop_ratio=0.75, attentive=True, tau=0.1,
       sigma=1.0, sigma_schedule='linear_epoch', official_quirks=False))
