@@ -158,7 +158,7 @@ def build_jax_step(shapes: Shapes):
                                       dtype=jnp.float32)
   hw = (shapes.image_size,) * 2
   cfg = pretrain.ObjectiveConfig(image_hw=hw, patch_size=shapes.size.patch_size,
-                                 tau=TAU)
+                                 tau=TAU, sigma=SIGMA)
   lr = optim.lr_schedule(PEAK_LR, total_steps=LR_TOTAL, warmup_steps=LR_WARMUP)
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       b1=0.9, b2=0.95, weight_decay=WEIGHT_DECAY, clip='per_tensor',
@@ -169,8 +169,7 @@ def build_jax_step(shapes: Shapes):
   params = jax.jit(init)(jax.random.key(2))  # one compile, not one per op
   state = {'step': jnp.int32(0), 'params': params,
            'opt_state': jax.jit(tx.init)(params)}
-  train_step = pretrain.make_train_step(
-      model, tx, cfg, sigma_fn=lambda step: SIGMA, lr_fn=lr, seed=0)
+  train_step = pretrain.make_train_step(model, tx, cfg, lr_fn=lr, seed=0)
   compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, images).compile()
   return compiled, state, images
 

@@ -15,24 +15,52 @@ from droppos_jax.models import droppos as droppos_model
 from droppos_jax.models import vit
 
 
+# The authors' code sizes its smoothing map for N = (input_size // 14)**2
+# positions (a 16-wide grid at 224 px); `official_quirks` reproduces that.
+REFERENCE_GRID_DIVISOR = 14
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-  """Static settings of the objective (validated on construction)."""
+  """Static settings of the objective, validated on construction: masking,
+  attentive weights, and the smoothing width sigma with its schedule (the
+  paper's: sigma_0 = 1, linear per epoch) and the reference's quirks."""
   image_hw: tuple[int, int]
   patch_size: int
   mask_ratio: float = 0.75
   pos_drop_ratio: float = 0.75
   attentive: bool = True
   tau: float = 0.1
-  official_grid_width: Optional[int] = None
+  sigma: float = 1.0
+  sigma_schedule: str = 'constant'
+  total_steps: int = 1
+  steps_per_epoch: int = 1
+  official_quirks: bool = False
 
   def __post_init__(self):
     grid = vit.grid_size(self.image_hw, self.patch_size)
     masking.mask_counts(grid[0] * grid[1], self.mask_ratio, self.pos_drop_ratio)
-    if self.official_grid_width is not None:
+    if self.official_quirks:
       losses.check_official_grid(grid, self.official_grid_width)
     if not self.tau > 0:
       raise UserError(f'tau={self.tau!r} must be > 0 (the paper uses 0.1).')
+    self._sigma_schedule()  # validates the schedule and sigma_0
+
+  @property
+  def official_grid_width(self) -> Optional[int]:
+    """The reference's smoothing-map width, or None for the true grid."""
+    if not self.official_quirks:
+      return None
+    return self.image_hw[1] // REFERENCE_GRID_DIVISOR
+
+  def _sigma_schedule(self):
+    return losses.make_sigma_schedule(
+        self.sigma_schedule, self.sigma, total_steps=self.total_steps,
+        steps_per_epoch=self.steps_per_epoch)
+
+  def sigma_at(self, step) -> jax.Array:
+    """The smoothing width at (traced) `step`."""
+    return self._sigma_schedule()(step)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -124,8 +152,23 @@ def accumulated_grads(params, model, images, ids_keep, drop_mask, sigma,
   return grads, metrics
 
 
+def objective_from_config(config, *, total_steps: int,
+                          steps_per_epoch: int) -> ObjectiveConfig:
+  """The objective of a pre-training config: its `objective` block, image
+  size and patch size, with sigma scheduled over the run's steps."""
+  obj = config.objective
+  size = config.image_size
+  return ObjectiveConfig(
+      image_hw=(size, size) if isinstance(size, int) else tuple(size),
+      patch_size=vit.decode_variant(config.model.variant).patch_size,
+      mask_ratio=obj.mask_ratio, pos_drop_ratio=obj.pos_drop_ratio,
+      attentive=obj.attentive, tau=obj.tau, sigma=obj.sigma,
+      sigma_schedule=obj.sigma_schedule, total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch, official_quirks=obj.official_quirks)
+
+
 def make_train_step(model: droppos_model.DropPos, tx, cfg: ObjectiveConfig, *,
-                    sigma_fn, lr_fn, seed: int, accum_steps: int = 1):
+                    lr_fn, seed: int, accum_steps: int = 1):
   """Returns `train_step(state, images) -> (state, metrics)`, ready for jit.
 
   `state` is {'step', 'params', 'opt_state'}. Masks come from
@@ -136,7 +179,7 @@ def make_train_step(model: droppos_model.DropPos, tx, cfg: ObjectiveConfig, *,
     step = state['step']
     key = jax.random.fold_in(jax.random.key(seed), step)
     ids_keep, drop_mask = sample_masks(key, images.shape[0], cfg)
-    sigma = sigma_fn(step)
+    sigma = cfg.sigma_at(step)
     grads, metrics = accumulated_grads(state['params'], model, images, ids_keep,
                                        drop_mask, sigma, cfg, accum_steps)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])

@@ -26,22 +26,10 @@ from droppos_jax import metric_logging, optim, pretrain, run_policy, sharding
 from droppos_jax.data import device, sources, transforms
 from droppos_jax.errors import UserError
 from droppos_jax.evaluators import online
-from droppos_jax.losses import make_sigma_schedule
 from droppos_jax.models import droppos as droppos_model
 
 
 FIELDS = metric_logging.PRETRAIN_FIELDS
-
-
-def objective_config(config) -> pretrain.ObjectiveConfig:
-  obj = config.objective
-  hw = launch.image_hw(config)
-  patch = droppos_model.vit.decode_variant(config.model.variant).patch_size
-  return pretrain.ObjectiveConfig(
-      image_hw=hw, patch_size=patch, mask_ratio=obj.mask_ratio,
-      pos_drop_ratio=obj.pos_drop_ratio, attentive=obj.attentive, tau=obj.tau,
-      # The reference builds its smoothing map on a (size // 14)-wide grid.
-      official_grid_width=hw[1] // 14 if obj.official_quirks else None)
 
 
 @dataclasses.dataclass
@@ -55,7 +43,6 @@ class Setup:
   total_steps: int
   warmup_steps: int
   lr_fn: Callable
-  sigma_fn: Callable
   init_state: Callable[[], Any]
   abstract_state: Any             # ShapeDtypeStructs carrying the shardings
   batch_spec: jax.ShapeDtypeStruct
@@ -69,7 +56,7 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
           mesh: jax.sharding.Mesh, platform: Optional[str] = None) -> Setup:
   """Validates the config and builds the step exactly as training runs it
   on `platform` (default: this machine's; the planner passes 'tpu')."""
-  objective = objective_config(config)
+  hw = launch.image_hw(config)
   model = droppos_model.droppos_from_model_config(config.model, platform)
   if config.grad_accum_steps < 1:
     raise UserError(f'grad_accum_steps={config.grad_accum_steps} must be >= 1.')
@@ -88,10 +75,8 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   lr_fn = optim.lr_schedule(peak_lr, total_steps=total_steps,
                             warmup_steps=warmup_steps, min_lr=config.optim.min_lr)
   tx = optim.make_optimizer(config.optim, lr_fn)
-  sigma_fn = make_sigma_schedule(
-      config.objective.sigma_schedule, config.objective.sigma,
-      total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-  hw = objective.image_hw
+  objective = pretrain.objective_from_config(
+      config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
   def init_state():
     params = model.init(jax.random.key(config.seed), jnp.zeros((1, *hw, 3)),
@@ -104,7 +89,7 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   state_sh = sharding.state_shardings(abstract, mesh)
   batch_sh = sharding.batch_sharding(mesh)
   objective_step = pretrain.make_train_step(
-      model, tx, objective, sigma_fn=sigma_fn, lr_fn=lr_fn, seed=config.seed,
+      model, tx, objective, lr_fn=lr_fn, seed=config.seed,
       accum_steps=config.grad_accum_steps)
 
   def step_fn(state, images):
@@ -114,7 +99,7 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   return Setup(
       model=model, objective=objective, mesh=mesh,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-      warmup_steps=warmup_steps, lr_fn=lr_fn, sigma_fn=sigma_fn,
+      warmup_steps=warmup_steps, lr_fn=lr_fn,
       init_state=jax.jit(init_state, out_shardings=state_sh),
       abstract_state=checkpoint.abstract_with_shardings(abstract, state_sh),
       batch_spec=jax.ShapeDtypeStruct((config.batch_size, *hw, 3), jnp.float32,

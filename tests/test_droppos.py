@@ -190,3 +190,19 @@ def test_objective_config_rejects_bad_settings():
     pretrain.ObjectiveConfig(image_hw=(32, 32), patch_size=8, mask_ratio=1.2)
   with pytest.raises(ValueError, match='Unknown projector'):
     droppos.droppos_from_config('mu/8', 'huge')
+
+
+def test_objective_from_config_carries_sigma_schedule_and_quirks():
+  from droppos_jax.configs import pretrain as pretrain_config
+  c = pretrain_config.get_config('variant=B/16,epochs=800')
+  obj = pretrain.objective_from_config(c, total_steps=8000, steps_per_epoch=10)
+  assert obj.grid == (14, 14) and obj.official_grid_width is None
+  # The paper's schedule: sigma_0 (1 - epoch / epochs), once per epoch.
+  np.testing.assert_allclose([obj.sigma_at(s) for s in (0, 9, 10, 7999)],
+                             [1., 1., 1 - 1 / 800, 1 / 800], rtol=1e-4)
+  c.objective.official_quirks = True  # the reference's 224 // 14 = 16 grid
+  assert pretrain.objective_from_config(
+      c, total_steps=8000, steps_per_epoch=10).official_grid_width == 16
+  c.objective.sigma_schedule = 'step'
+  with pytest.raises(ValueError, match="Unknown sigma schedule 'step'"):
+    pretrain.objective_from_config(c, total_steps=8000, steps_per_epoch=10)
