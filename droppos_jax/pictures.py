@@ -1,9 +1,10 @@
 """Pictures of what a DropPos checkpoint predicts.
 
 One row per image: the input; the visible patches (kept-PE ones outlined in
-blue); the PE-dropped patches at their true positions; the same patches pasted
-at their predicted (argmax) positions, outlined green where right and red
-where wrong; and the attentive weights of the full pass (the softmax of
+blue); the PE-dropped patches at their true positions; the image as the model
+puts it back together (kept-PE patches where they are, the PE-dropped ones
+pasted at their predicted (argmax) positions, outlined green where right and
+red where wrong); and the attentive weights of the full pass (the softmax of
 cos(cls, patch) / tau over all patches) as a heat-map. A strip below the rows
 holds the legend of the outlines and the heat-map's colour bar; the title says
 which checkpoint, step and images, never a machine path.
@@ -32,7 +33,7 @@ from droppos_jax.models import weights
 
 COLUMNS = ('input', 'visible patches\n(the encoder input)',
            'PE-dropped patches\nat their true positions',
-           'PE-dropped patches\nat predicted positions',
+           'reassembled: PE-dropped\npatches where predicted',
            'attentive weights\nover the input')
 BLANK = (0.80, 0.86, 0.94)  # canvas: a blue-grey rare in photos
 KEPT, RIGHT, WRONG = 'tab:blue', 'lime', 'red'
@@ -239,8 +240,11 @@ def _row(row, image, ids_keep, drop_mask, predicted, attention, *, vmax: float,
   visible, truth, guess = (np.broadcast_to(np.asarray(BLANK, image.dtype),
                                            image.shape).copy()
                            for _ in range(3))
-  for src, dropped, dst in zip(ids, drop, pred):
+  for src, dropped in zip(ids, drop):  # The anchors first: they stay put.
     _paste(visible, image, src, src, gw, p)
+    if not dropped:
+      _paste(guess, image, src, src, gw, p)
+  for src, dropped, dst in zip(ids, drop, pred):
     if dropped:
       _paste(truth, image, src, src, gw, p)
       _paste(guess, image, src, dst, gw, p)
@@ -251,6 +255,8 @@ def _row(row, image, ids_keep, drop_mask, predicted, attention, *, vmax: float,
   for src, dropped, dst in zip(ids, drop, pred):
     if not dropped:
       _outline(row[1], src, gw, p, KEPT)
+      if src not in pred[drop]:  # an anchor no guess covered
+        _outline(row[3], src, gw, p, KEPT)
     else:
       _outline(row[3], dst, gw, p, RIGHT if dst == src else WRONG)
   _mark_pileups(row[3], pred, drop, gw, p, cell_points)

@@ -1,4 +1,4 @@
-"""Tests for the offline scikit-image demo dataset."""
+"""Tests for the offline demo dataset (photos shipped with the package)."""
 import os
 import socket
 import subprocess
@@ -42,13 +42,32 @@ def test_works_offline(monkeypatch):
 def test_splits_share_no_pixels():
   for name in demo_data.CLASS_NAMES:
     photo = demo_data._photo(name)
-    train, val = demo_data._region(photo, 'train'), demo_data._region(photo, 'val')
+    train, val = demo_data._parts(photo, 'train'), demo_data._parts(photo, 'val')
     axis = 0 if photo.shape[0] > photo.shape[1] else 1
-    np.testing.assert_array_equal(np.concatenate([train, val], axis), photo)
-    assert min(val.shape[:2]) >= 32, name
+    # The val band sits between the two train parts; together they tile it.
+    np.testing.assert_array_equal(
+        np.concatenate([train[0], val[0], train[1]], axis), photo)
+    assert min(val[0].shape[:2]) >= 32, name
   train, _, _ = demo_data.load_demo_images(64, crop_size=16)
   val, _, _ = demo_data.load_demo_images(64, crop_size=16, split='val')
   assert not any(np.array_equal(v, t) for v in val for t in train)
+
+
+def test_photos_match_their_licence_list():
+  """Every shipped photo is credited in the photos' README, and back."""
+  readme = (demo_data.PHOTO_DIR / 'README.md').read_text()
+  shipped = sorted(p.name for p in demo_data.PHOTO_DIR.glob('*.jpg'))
+  assert shipped == sorted(f'{n}.jpg' for n in demo_data.CLASS_NAMES)
+  for name in shipped:
+    assert f'`{name}`' in readme, name
+
+
+def test_needs_no_scikit_image():
+  code = ('import sys; sys.modules["skimage"] = None; '
+          'import droppos_jax.data.demo as d; '
+          'd.load_demo_images(4, crop_size=8)')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=root)
 
 
 def test_bad_arguments():

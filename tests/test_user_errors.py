@@ -191,7 +191,7 @@ CASES = [
      r'stop, or \(0, 0\) for no profile\.$'),
     # -------------------------------------------- fine-tuning config values
     ('finetune', {'num_classes': 8},
-     r'^num_classes=8 is fewer than the 16 classes of demo/train'),
+     r'^num_classes=8 is fewer than the 12 classes of demo/train'),
     ('finetune', {'data.source': 'folder', 'data.path': '{files}/flat',
                   'val_data.source': 'folder', 'val_data.path': '{files}/flat'},
      r'^1 class\(es\): a classifier needs >= 2 \(set num_classes or use a '
