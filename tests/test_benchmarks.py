@@ -38,6 +38,7 @@ def test_our_flop_count_is_the_compiled_programs():
       step_time.step_flops(SHAPES, ours=True) + cosine)
 
 
+@pytest.mark.slow
 def test_authors_flop_count_is_torchs():
   """The hand count of the authors' step equals torch's own FLOP counter
   over one step (forward, backward, clipping, AdamW)."""

@@ -29,6 +29,7 @@ def _shapes(tree):
   return jax.tree.map(lambda x: tuple(x.shape), tree)
 
 
+@pytest.mark.slow
 def test_classifier_tree_is_the_converted_finetune_layout():
   model = classifier.classifier_from_variant('mu/8', 5, drop_path_rate=0.1)
   params = _init(model)['params']
@@ -65,6 +66,7 @@ def test_classifier_matches_torch_global_pool_model():
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_linear_probe_freezes_encoder_and_uses_batchnorm():
   model = classifier.linear_probe_from_variant('mu/8', 3)
   variables = _init(model)
@@ -89,6 +91,7 @@ def test_linear_probe_freezes_encoder_and_uses_batchnorm():
     classifier.linear_probe_from_variant('mu/8', 3, feature='mean')
 
 
+@pytest.mark.slow
 def test_layer_wise_lr_decay_scales_each_update():
   config = finetune_config.get_config('runlocal')  # mu/8: depth 2
   config.optim.layer_decay = 0.5
@@ -112,6 +115,7 @@ def test_layer_wise_lr_decay_scales_each_update():
     assert g == pytest.approx(w, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_weight_decay_mask_skips_biases_norms_and_cls_token():
   model = classifier.classifier_from_variant('mu/8', 4)
   params = _init(model)['params']

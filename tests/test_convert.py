@@ -57,6 +57,7 @@ def _assert_trees_equal(a, b):
 
 # ------------------------------------------------------------------- parity ---
 
+@pytest.mark.slow
 @pytest.mark.parametrize('hw', [(32, 32), HW])
 def test_encoder_matches_torch(tr, hw):
   tm = tr.VisionTransformer(hw, PATCH, WIDTH, DEPTH, HEADS)
@@ -153,6 +154,7 @@ def test_linear_probe_matches_torch(tr):
     np.testing.assert_array_equal(back[k], state[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_droppos_matches_torch(tr):
   tm = tr.DropPos(HW, PATCH, WIDTH, DEPTH, HEADS, decoder_dim=16,
                   decoder_depth=2, decoder_heads=2)

@@ -1,6 +1,7 @@
 """Host batches -> global, normalised jax.Arrays (data/device.py)."""
 import jax
 import numpy as np
+import pytest
 
 from droppos_jax import sharding
 from droppos_jax.data import device
@@ -28,6 +29,7 @@ def test_global_batches_normalise_shard_and_prefetch():
         np.array(device.STDDEV_RGB), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_erase_fills_exactly_the_box_with_seeded_noise():
   images = jax.numpy.zeros((2, 6, 8, 3))
   boxes = jax.numpy.array([[1, 2, 3, 4, 11], [0, 0, 0, 0, 5]], np.int32)

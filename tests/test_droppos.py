@@ -24,6 +24,7 @@ def setup():
   return params, images
 
 
+@pytest.mark.slow
 def test_logit_shapes(setup):
   params, images = setup
   ids = jnp.tile(jnp.arange(2, dtype=jnp.int32), (16, 1))
@@ -34,6 +35,7 @@ def test_logit_shapes(setup):
   assert params['projector']['pred']['kernel'].shape == (64, 8)
 
 
+@pytest.mark.slow
 def test_mask_token_replaces_pe_only_where_dropped(setup):
   params, images = setup
   ids = jnp.tile(jnp.arange(2, dtype=jnp.int32), (16, 1))
@@ -43,6 +45,7 @@ def test_mask_token_replaces_pe_only_where_dropped(setup):
   np.testing.assert_array_equal(grad['mask_pos_token'], 0.)
 
 
+@pytest.mark.slow
 def test_gradients_reach_mask_token_and_not_through_attentive_pass(setup):
   params, images = setup
   grads, _ = jax.grad(pretrain.loss_fn, has_aux=True)(
@@ -59,6 +62,7 @@ def test_gradients_reach_mask_token_and_not_through_attentive_pass(setup):
   assert np.isfinite(loss_w) and np.isfinite(loss_u) and loss_w != loss_u
 
 
+@pytest.mark.slow
 def test_objective_matches_torch_reference():
   """Loss, attentive weights and every gradient of our step (one patch
   embedding, attentive pass cut after the visible tokens' keys and values,
@@ -135,6 +139,7 @@ def test_attentive_dtype_defaults_per_backend():
   assert model.encoder.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_bfloat16_attentive_pass_keeps_weights_close(setup):
   params, images = setup
   ids_keep, drop_mask = pretrain.sample_masks(jax.random.key(6), 16, CFG)
@@ -149,6 +154,7 @@ def test_bfloat16_attentive_pass_keeps_weights_close(setup):
   np.testing.assert_allclose(weights[jnp.bfloat16], weights[None], atol=0.02)
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device(setup):
   params, images = setup
   assert jax.device_count() == 8
@@ -168,6 +174,7 @@ def test_sharded_equals_single_device(setup):
   chex.assert_trees_all_close(g8, g1, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_sized_call_compiles_once(setup):
   params, images = setup
 

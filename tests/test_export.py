@@ -181,6 +181,7 @@ def test_bad_input_gives_one_line_errors(runs, tmp_path, monkeypatch):
   assert not list(tmp_path.glob('x.*'))
 
 
+@pytest.mark.slow
 def test_documented_command(runs, tmp_path):
   out = tmp_path / 'demo.safetensors'
   run = subprocess.run([sys.executable, 'export.py',

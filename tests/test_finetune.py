@@ -43,6 +43,7 @@ def pretrained(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_and_resume(tmp_path):
   full = finetune.train(tiny(), str(tmp_path / 'full'))
   assert sorted(full['losses']) == [1, 2, 3, 4]
@@ -63,6 +64,7 @@ def test_finetune_end_to_end_and_resume(tmp_path):
   assert resumed['evals'][4] == pytest.approx(full['evals'][4])
 
 
+@pytest.mark.slow
 def test_finetune_from_pretraining_checkpoint_loads_its_encoder(pretrained,
                                                                 tmp_path):
   c = tiny(num_train_steps=2)
@@ -82,6 +84,7 @@ def test_finetune_from_pretraining_checkpoint_loads_its_encoder(pretrained,
       np.shape, want)
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_head_only(pretrained, tmp_path):
   c = tiny(probe_config)
   c.init.path = pretrained
@@ -101,6 +104,7 @@ def forbid_compile(monkeypatch):
   monkeypatch.setattr(finetune.jax, 'jit', fail)
 
 
+@pytest.mark.slow
 def test_bad_init_fails_before_compile(pretrained, tmp_path, monkeypatch):
   forbid_compile(monkeypatch)
   state = convert.flax_to_torch(weights.read(pretrained).params,
@@ -154,6 +158,7 @@ def test_configs_load():
     finetune_config.get_config('epochs=3')
 
 
+@pytest.mark.slow
 def test_finetune_stream_is_reproducible_and_resumable():
   """RandAugment and erasing draws are keyed by the example's position."""
   c = tiny()
@@ -171,6 +176,7 @@ def test_finetune_stream_is_reproducible_and_resumable():
   assert full[0]['erase'].shape == (8, 5) and full[0]['label'].max() < 16
 
 
+@pytest.mark.slow
 def test_command_line_reports_bad_input_without_traceback(tmp_path):
   run = subprocess.run(
       [sys.executable, 'finetune.py', '--config', 'configs/finetune.py:runlocal',

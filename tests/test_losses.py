@@ -25,6 +25,7 @@ def np_log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_targets_by_hand_on_2x3_grid():
   t = np.asarray(losses.smoothing_targets(GRID, 1.0))
   # Row 0 = (0,0): neighbours at d^2 = 0,1,4,1,2,5.
@@ -65,6 +66,7 @@ def test_negative_sigma_rejected():
     losses.smoothing_targets(GRID, -0.5)
 
 
+@pytest.mark.slow
 def test_attentive_weights_of_visible_patches_are_the_renormalised_full_map():
   """The reference takes softmax(cos/tau) over all N patches, gathers the K
   visible ones and renormalises; given the K visible features we must get

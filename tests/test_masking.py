@@ -6,6 +6,7 @@ import pytest
 from droppos_jax import masking
 
 
+@pytest.mark.slow
 def test_exact_counts_and_no_repeats():
   ids, drop = masking.sample_masks(jax.random.key(0), 16, 196, 0.75, 0.75)
   chex.assert_shape([ids, drop], (16, 49))
@@ -33,6 +34,7 @@ def test_same_key_same_masks_and_samples_differ():
   assert len({tuple(r) for r in drop}) > 1
 
 
+@pytest.mark.slow
 def test_every_position_and_slot_equally_likely():
   n, draws = 16, 4000
   ids, drop = masking.sample_masks(jax.random.key(0), draws, n, 0.75, 0.75)

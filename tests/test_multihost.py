@@ -111,6 +111,7 @@ def one_by_eight(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_two_hosts_feed_the_same_batches_as_one(one_by_eight, tmp_path):
   workdir = tmp_path / 'two'
   logs = run(workdir, processes=2, devices=4)
@@ -137,6 +138,7 @@ def stop_one_host(workdir, procs, *, second_after=None, at_step=2):
       procs[0][0].send_signal(signal.SIGTERM)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('second_after', [None, 1.5])
 def test_sigterm_on_one_host_stops_all_at_the_same_step_and_resumes_on_one(
     one_by_eight, tmp_path, second_after):
@@ -160,6 +162,7 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step_and_resumes_on_one(
                         final_params(one_by_eight)) < PARAM_ATOL
 
 
+@pytest.mark.slow
 def test_one_host_run_resumes_on_two_hosts(one_by_eight, tmp_path):
   workdir = tmp_path / 'grow'
   procs = start(str(workdir), processes=1, devices=8, steps=8)
@@ -175,6 +178,7 @@ def test_one_host_run_resumes_on_two_hosts(one_by_eight, tmp_path):
                         final_params(one_by_eight)) < PARAM_ATOL
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_with_one_line(tmp_path):
   workdir = tmp_path / 'int'
   procs = start(str(workdir), processes=1, devices=8, steps=40)
@@ -186,6 +190,7 @@ def test_ctrl_c_saves_and_exits_with_one_line(tmp_path):
   assert 'Stopped (interrupted): saved step' in logs[0]
 
 
+@pytest.mark.slow
 def test_slurm_environment_is_detected(tmp_path):
   """srun sets SLURM_*; the documented launch is the bare command."""
   def slurm(i, port):
@@ -207,6 +212,7 @@ def test_slurm_environment_is_detected(tmp_path):
     (['--coordinator_address=127.0.0.1:1234'],
      'Multi-host start-up needs --num_processes'),
 ])
+@pytest.mark.slow
 def test_bad_multihost_flags_get_one_line(tmp_path, flags_, message):
   out = subprocess.run(
       [sys.executable, 'train.py', '--config', 'configs/pretrain.py:runlocal',

@@ -28,6 +28,7 @@ def numpy_knn(bank, bank_labels, queries, k, temperature, num_classes):
   return np.array(preds)
 
 
+@pytest.mark.slow
 def test_knn_matches_numpy():
   rng = np.random.default_rng(0)
   bank = rng.normal(size=(50, 8)).astype(np.float32)
@@ -67,6 +68,7 @@ def init_params(model, seed):
               jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))['params']
 
 
+@pytest.mark.slow
 def test_metrics_in_range_compiled_once_and_exact(monkeypatch):
   # encoder_features is traced twice: alone (bank) and inside query_step.
   monkeypatch.setattr(online, 'encoder_features',
@@ -105,6 +107,7 @@ def test_metrics_in_range_compiled_once_and_exact(monkeypatch):
                                 np.arange(20) % len(demo.CLASS_NAMES))
 
 
+@pytest.mark.slow
 def test_disabled_and_bad_configs():
   model = droppos_model.droppos_from_config('mu/8', 'tiny')
   mesh = sharding.make_mesh()

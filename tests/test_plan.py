@@ -65,6 +65,7 @@ def test_analytic_flops_match_the_traced_matmuls():
   assert analytic <= traced <= 1.06 * analytic
 
 
+@pytest.mark.slow
 def test_tiny_recipe_compiles_for_v5e_and_reports(tiny_plan, capsys):
   p = tiny_plan
   assert (p.num_chips, p.num_hosts, p.chip.name) == (4, 1, 'v5e')
@@ -93,6 +94,7 @@ def test_tiny_recipe_compiles_for_v5e_and_reports(tiny_plan, capsys):
   assert f'{p.images_per_second:,.0f} images/s per host (1 host)' in out
 
 
+@pytest.mark.slow
 def test_two_slices_split_the_batch(tiny_plan):
   p = plan.make_plan(tiny_config(), 'v5e:2x2', num_slices=2)
   assert (p.num_chips, p.num_slices, p.num_hosts) == (8, 2, 2)
@@ -105,6 +107,7 @@ def test_two_slices_split_the_batch(tiny_plan):
       tiny_plan.model_flops_per_chip / 2)
 
 
+@pytest.mark.slow
 def test_too_big_does_not_fit_and_says_what_to_change(capsys):
   # A 1.8 B-parameter projector: 20 GiB of float32 AdamW state per chip.
   config = tiny_config(projector_width=12288)
@@ -149,6 +152,7 @@ def test_bad_mfu():
     plan.make_plan(tiny_config(), 'v5e:2x2', mfu=1.5)
 
 
+@pytest.mark.slow
 def test_command_line_unknown_topology_is_one_line():
   proc = subprocess.run(
       [sys.executable, '-m', 'droppos_jax.plan', '--config',

@@ -59,6 +59,7 @@ def position_coded_images(tmp_path_factory):
   return str(folder)
 
 
+@pytest.mark.slow
 def test_linear_head_learns_position_coded_features():
   rng = np.random.default_rng(0)
   codes = rng.normal(size=(16, 24))
@@ -95,6 +96,7 @@ def probe_config_for(images, **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_probe_end_to_end_on_position_coded_images(position_coded_images,
                                                    tmp_path, monkeypatch):
   titles = []
@@ -147,6 +149,7 @@ def test_heatmap_colour_scale_follows_the_data():
   assert fig.axes[0].texts[0].get_text() == '1.0'
 
 
+@pytest.mark.slow
 def test_load_encoder_sources(tiny_run, tmp_path):
   workdir, params = tiny_run
   frozen = position_probe.load_encoder(workdir)
@@ -180,6 +183,7 @@ def test_bad_init_gives_clear_errors(tmp_path):
     position_probe.load_encoder('', variant='huge/16')
 
 
+@pytest.mark.slow
 def test_command(tiny_run, position_coded_images, tmp_path):
   """The documented command on a pre-training workdir: results + heat-map."""
   data = [f'--config.{d}.{k}={v}' for d in ('train_data', 'eval_data')
@@ -199,6 +203,7 @@ def test_command(tiny_run, position_coded_images, tmp_path):
   assert (tmp_path / 'position_accuracy.png').is_file()
 
 
+@pytest.mark.slow
 def test_load_fine_tuned_classifier_uses_fc_norm(tmp_path):
   model = classifier.classifier_from_variant('mu/8', num_classes=5)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']

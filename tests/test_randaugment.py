@@ -153,6 +153,7 @@ def test_ops_are_timms_increasing_set():
   assert randaugment.MAX_LEVEL == LEVEL_DENOM
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', TIMM_INCREASING)
 def test_op_matches_pil(name):
   index = randaugment.OPS.index(name)
@@ -181,6 +182,7 @@ def layer_key(key, layer):
   return tf.random.experimental.stateless_fold_in(key, layer)
 
 
+@pytest.mark.slow
 def test_rand_augment_composes_timm_ops():
   """rand_augment = the layers' draws applied in order, as timm's AugmentOps
   would apply them to a PIL image."""

@@ -33,6 +33,7 @@ def pretrain_config_(steps):
   return c
 
 
+@pytest.mark.slow
 def test_pretrain_resume_and_finetune_on_a_remote_scheme(store, monkeypatch,
                                                          caplog):
   workdir = 'fake://bucket/pre'

@@ -11,7 +11,7 @@ import pytest
 
 from data_fixtures import (demo_cfg, folder_cfg, prepare_tfds, solid,
                            tfds_cfg, write_class_folder)
-from droppos_jax.data import sources
+from droppos_jax.data import demo, sources
 from droppos_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def test_flat_folder_any_extension_label_zero(tmp_path):
 
 def test_demo():
   source = sources.open_source(demo_cfg(num_images=20, crop_size=24))
-  assert source.size == 20 and source.num_classes == 16
+  assert source.size == 20 and source.num_classes == len(demo.CLASS_NAMES)
   assert source.payload == 'pixels' and source.pixels_shape == (24, 24, 3)
   pixels = source.read(np.array([3, 4]))
   assert pixels.shape == (2, 24, 24, 3) and pixels.dtype == np.uint8

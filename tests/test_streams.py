@@ -49,6 +49,7 @@ def batches(source, n, *, batch=8, rows=None, start_step=0, seed=0, size=8):
   return [next(it) for _ in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', RANDOM_ACCESS)
 def test_global_batches_are_the_same_for_1_2_and_4_processes(opened, name):
   one = batches(opened[name], 5)
@@ -121,6 +122,7 @@ def test_resume_reproduces_the_uninterrupted_stream(opened, name, start_step):
     np.testing.assert_array_equal(x['label'], y['label'])
 
 
+@pytest.mark.slow
 def test_tfrecord_processes_read_disjoint_files_and_resume(opened):
   source = opened['tfrecord']
   per_process = []
@@ -167,6 +169,7 @@ def test_tfrecord_resume_does_not_read_the_records_before(tmp_path,
   assert 10 <= int(counter.numpy()) < 150, int(counter.numpy())
 
 
+@pytest.mark.slow
 def test_stream_is_the_same_in_a_fresh_process(opened, folder):
   # A restart is a new process: no hidden TF state may change the stream.
   code = f"""if True:
@@ -199,6 +202,7 @@ def test_batches_are_uint8_with_labels(opened):
                                 [i % 3 for i in ids(tfds_batch['image'])])
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_named(tmp_path):
   for i in range(8):
     Image.fromarray(solid(i, 0, (16, 16))).save(tmp_path / f'{i}.jpg')

@@ -42,6 +42,7 @@ def tiny_config(image_dir, **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_loss_falls_and_checkpoint_written(image_dir, tmp_path):
   config = tiny_config(image_dir, num_train_steps=24, ckpt_every=12,
                        profile_steps=(3, 5))
@@ -64,6 +65,7 @@ def test_loss_falls_and_checkpoint_written(image_dir, tmp_path):
   assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
 
 
+@pytest.mark.slow
 def test_data_parallel_fsdp_and_single_device_agree(image_dir, tmp_path):
   runs = {}
   for name, overrides in {
@@ -78,6 +80,7 @@ def test_data_parallel_fsdp_and_single_device_agree(image_dir, tmp_path):
                                [runs['dp8'][s] for s in (1, 2, 3)], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch(image_dir, tmp_path):
   full = train.train(tiny_config(image_dir, num_train_steps=3),
                      str(tmp_path / 'full'))['losses']
@@ -101,6 +104,7 @@ def sigterm_after(monkeypatch, num_batches):
   monkeypatch.setattr(device, 'global_batches', wrapped)
 
 
+@pytest.mark.slow
 def test_preempt_resume_matches_uninterrupted_and_restores_on_one_device(
     image_dir, tmp_path, monkeypatch):
   full = train.train(tiny_config(image_dir), str(tmp_path / 'full'))['losses']
@@ -123,6 +127,7 @@ def test_preempt_resume_matches_uninterrupted_and_restores_on_one_device(
                              [full[s] for s in (4, 5, 6)], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     image_dir, tmp_path, monkeypatch):
   original = device.global_batches
@@ -178,6 +183,7 @@ def test_bad_data_and_variant_fail_before_compile(image_dir, tmp_path,
     train.train(config, str(tmp_path / 'w3'))
 
 
+@pytest.mark.slow
 def test_resume_refuses_checkpoint_of_another_model(image_dir, tmp_path):
   train.train(tiny_config(image_dir, num_train_steps=3), str(tmp_path))
   saved = (tmp_path / 'config.json').read_text()
@@ -189,6 +195,7 @@ def test_resume_refuses_checkpoint_of_another_model(image_dir, tmp_path):
   assert (tmp_path / 'config.json').read_text() == saved
 
 
+@pytest.mark.slow
 def test_command_line_rejects_unknown_key_and_bad_batch(image_dir, tmp_path):
   def run(*args):
     return subprocess.run(
@@ -208,6 +215,7 @@ def test_command_line_rejects_unknown_key_and_bad_batch(image_dir, tmp_path):
       missing.stderr)
 
 
+@pytest.mark.slow
 def test_online_evaluator_runs_inside_pretraining(image_dir, tmp_path):
   config = tiny_config(image_dir)
   config.eval.enabled = True

@@ -190,8 +190,8 @@ CASES = [
      r'^profile_steps=\(-1, 3\) must be \(first, stop\) with 0 <= first < '
      r'stop, or \(0, 0\) for no profile\.$'),
     # -------------------------------------------- fine-tuning config values
-    ('finetune', {'num_classes': 8},
-     r'^num_classes=8 is fewer than the 12 classes of demo/train'),
+    ('finetune', {'num_classes': 4},
+     r'^num_classes=4 is fewer than the 7 classes of demo/train'),
     ('finetune', {'data.source': 'folder', 'data.path': '{files}/flat',
                   'val_data.source': 'folder', 'val_data.path': '{files}/flat'},
      r'^1 class\(es\): a classifier needs >= 2 \(set num_classes or use a '

@@ -48,6 +48,7 @@ def test_patch_must_divide_image():
     vit.grid_size((30, 32), 8)
 
 
+@pytest.mark.slow
 def test_forward_shapes_non_square_and_dtypes():
   model = vit.vit_from_variant('mu/8', dtype=jnp.bfloat16)
   images = jnp.ones((2, 16, 32, 3))
@@ -157,6 +158,7 @@ def test_attention_implementation_per_backend():
     impl('flash', jnp.float32, 'cpu')
 
 
+@pytest.mark.slow
 def test_float32_attention_is_jax_dot_product_attention():
   """The heads-first float32 attention computes jax.nn.dot_product_attention:
   outputs and gradients, with fewer queries than keys (as `rows` gives)."""
