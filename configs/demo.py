@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.data = common.data_config('demo')
   c.data.num_images = 8192        # distinct crops: fewer over-fit the photos
   c.batch_size = 64
-  c.epochs = 25                   # 3200 steps of 64 images
+  c.epochs = 22                   # 2816 steps of 64 images
   c.warmup_epochs = 2
   # A 4x4 jigsaw: every patch visible (no patch masking), half of them
   # without their PE; with 16 patches the paper's 75 % masking and 75 %
@@ -35,6 +35,6 @@ def get_config(arg=None):
   c.ckpt_every = 500
   c.keep_ckpts = 2
   c.eval.enabled = True           # k-NN on photo labels, held-out positions
-  c.eval.every_steps = 1600
+  c.eval.every_steps = 1408       # and at the end
   c.eval.num_query_examples = 128
   return c

@@ -217,7 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                'seed': config.seed, 'metrics': logger.last})
       if run.stopped:
         break
-      if evaluator.due(step):  # before the next step donates the params
+      # Before the next step donates the params.
+      if evaluator.due(step, last_step=s.total_steps):
         logger.pause()
         eval_logger.add(evaluator.run(state['params'], step))
         eval_logger.flush(step)

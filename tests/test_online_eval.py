@@ -82,6 +82,7 @@ def test_metrics_in_range_compiled_once_and_exact(monkeypatch):
   evaluator = online.OnlineEvaluator(small_config(), model=model, obj_cfg=OBJ,
                                      mesh=mesh)
   assert evaluator.due(20) and not evaluator.due(15)
+  assert evaluator.due(15, last_step=15) and not evaluator.due(15, last_step=16)
   for seed in (0, 1):
     params = jax.device_put(init_params(model, seed),
                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

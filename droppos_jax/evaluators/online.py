@@ -146,8 +146,9 @@ class OnlineEvaluator:
                  '(data ready in %.1f s).', num_bank, self._num_queries,
                  self.every_steps, time.perf_counter() - start)
 
-  def due(self, step: int) -> bool:
-    return self.enabled and step % self.every_steps == 0
+  def due(self, step: int, last_step: int | None = None) -> bool:
+    """Every `every_steps` steps, and at `last_step` (the run's end)."""
+    return self.enabled and (step % self.every_steps == 0 or step == last_step)
 
   def run(self, params: Any, step: int) -> dict[str, float]:
     """Evaluates `params` (the DropPos tree); `step` is for the log only."""
