@@ -71,14 +71,15 @@ def rows() -> list[Row]:
 
 
 def priority(row: Row) -> tuple:
-  """Compile order: the rows the README needs most first (v5e-256 for both
-  models, the attentive-dtype and 2-slice rows), 64-chip v5p before the
-  256-chip v6e; float32 data-parallel first within each group."""
+  """Compile order, so that a partial run still covers every topology: the
+  B/16 v5e-256 rows with the attentive-dtype and 2-slice ones first, then
+  float32 data-parallel for every model and topology, then FSDP, then
+  bfloat16 (which changes memory, not FLOPs)."""
   overrides = dict(row.overrides)
-  return (row.topology != 'v5e:16x16' or row.variant != 'B/16',
-          row.topology != 'v5e:16x16', TOPOLOGIES.index(row.topology),
-          row.mesh != 'dp', overrides['model.dtype'] != 'float32',
-          row.variant)
+  return (row.topology != 'v5e:16x16' or row.variant != 'B/16' or
+          (row.mesh == 'fsdp' and not row.note),
+          overrides['model.dtype'] != 'float32', row.mesh != 'dp',
+          TOPOLOGIES.index(row.topology), row.variant)
 
 
 def plan_row(row: Row) -> dict:
@@ -86,12 +87,9 @@ def plan_row(row: Row) -> dict:
   jax.config.update('jax_platforms', 'cpu')  # as plan.main
   jax.config.update('jax_threefry_partitionable', True)  # as the launcher
   config = pretrain.get_config(f'variant={row.variant},epochs=800')
-  # Unlocked: the base config has no model.attentive_dtype (the model reads
-  # it with the default 'auto').
-  with config.unlocked():
-    for key, value in row.overrides:
-      parent, _, name = key.rpartition('.')
-      _get(config, parent)[name] = value
+  for key, value in row.overrides:
+    parent, _, name = key.rpartition('.')
+    _get(config, parent)[name] = value
   p = plan.make_plan(config, row.topology, row.num_slices, MFU)
   return {'needed_gib': p.needed_bytes / 2**30, 'hbm_gib': p.chip.hbm_gib,
           'fits': p.fits, 'chips': p.num_chips, 'chip': p.chip.name,
@@ -123,8 +121,15 @@ def markdown(table: list[Row], results: dict[str, dict]) -> str:
       f'batch 4096, ImageNet-1K (1,281,167 images, 312 steps/epoch), 800 '
       f'epochs; times at MFU {MFU:.0%} of the chip\'s peak bf16 FLOP/s, '
       'from the compiled FLOPs (FLOP-bound; float32 matmuls are counted at '
-      'the bf16 peak, as TPUs run them at default precision).', '',
-      '| model | topology (chips) | mesh | dtype | memory/chip (GiB) | fits '
+      'the bf16 peak, as TPUs run them at default precision; so float32 '
+      'and bfloat16 rows differ in memory, not in time, here). Memory per '
+      'chip is arguments + temporaries + outputs - aliased (donated state); '
+      '"state" is the parameters and AdamW moments each chip holds. '
+      'Analytic FLOPs: `droppos_jax.plan.model_flops_per_example` (matmuls '
+      'only; 3x forward for the trained passes, 1x for the attentive pass).',
+      '',
+      '| model | topology (chips) | mesh | dtype | memory/chip GiB (state) '
+      '| fits '
       '| GFLOP/chip/step compiled (analytic) | step ms at peak '
       f'| images/s at {MFU:.0%} | 800 epochs at {MFU:.0%} | compile s |',
       '|---|---|---|---|---|---|---|---|---|---|---|']
@@ -134,8 +139,8 @@ def markdown(table: list[Row], results: dict[str, dict]) -> str:
         f' ({row.note})' if row.note else '')
     topo = (f'{row.num_slices} x ' if row.num_slices > 1 else '') + row.topology
     if r is None:
-      lines.append(f'| {row.variant} | {topo} | {row.mesh} | {dtype} | not run '
-                   '| | | | | | |')
+      lines.append(f'| {row.variant} | {topo} | {row.mesh} | {dtype} | not '
+                   'compiled yet | | | | | | |')
       continue
     if 'error' in r:
       lines.append(f'| {row.variant} | {topo} | {row.mesh} | {dtype} | error: '
@@ -144,6 +149,7 @@ def markdown(table: list[Row], results: dict[str, dict]) -> str:
     lines.append(
         f'| {row.variant} | {topo} ({r["chips"]} {r["chip"]}) | {row.mesh} '
         f'| {dtype} | {r["needed_gib"]:.2f} of {r["hbm_gib"]:g} '
+        f'({r["state_gib"]:.2f}) '
         f'| {"yes" if r["fits"] else "**no**"} '
         f'| {_fmt(r["gflops"], ",.0f")} ({r["model_gflops"]:,.0f}) '
         f'| {r["step_ms_peak"]:.1f} | {r["images_per_s"]:,.0f} '
@@ -158,6 +164,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--out', default=os.path.join(HERE, 'plan_table.md'))
   p.add_argument('--cache', default=os.path.join(HERE, 'plan_table.jsonl'))
+  p.add_argument('--from_cache', action='store_true',
+                 help='only write the table of the rows already compiled')
   args = p.parse_args()
   results = {}
   if os.path.exists(args.cache):
@@ -166,7 +174,7 @@ def main():
   table = rows()
   spawn = multiprocessing.get_context('spawn')
   for row in sorted(table, key=priority):
-    if row.key in results:
+    if row.key in results or args.from_cache:
       continue
     print(row.command(), flush=True)
     # A fresh process per row: a pod-sized compile holds gigabytes.
@@ -181,6 +189,8 @@ def main():
       f.write(json.dumps(results[row.key]) + '\n')
     with open(args.out, 'w') as f:
       f.write(markdown(table, results))
+  with open(args.out, 'w') as f:
+    f.write(markdown(table, results))
 
 
 if __name__ == '__main__':

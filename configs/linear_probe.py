@@ -8,8 +8,8 @@ r"""Linear probing (the MAE protocol: frozen encoder, BatchNorm, LARS), by `:arg
       --workdir /tmp/lin_demo --config.init.path=runs/demo
 
 Args: `variant` (default 'B/16'), `demo` (nano/8, 32 px, the built-in
-photos, 40 epochs, ~20 s on 2 CPU cores: best val top-1 51.6 % on a random
-encoder, 49.2 % after the configs/demo.py pre-training: this 16-photo task is
+photos, 40 epochs, ~25 s on 2 CPU cores: best val top-1 75.0 % on a random
+encoder, 74.2 % after the configs/demo.py pre-training: this 7-photo task is
 solved from colour statistics, which a random encoder keeps), `runlocal`
 (tiny smoke test).
 

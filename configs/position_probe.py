@@ -13,11 +13,11 @@ use_mask_token), else no PE.
 
 Demo data: the head trains on 2,048 fresh crops (crop seed 1) and is scored
 on 256 others (seed 2) of the photos' training region; the demo pre-training
-saw only seed-0 crops. `--config.eval_data.split=val` scores the
-pixel-disjoint strips instead. For ImageNet: --config.train_data.source=tfds
---config.train_data.name=imagenet2012 (split train) and the same for
-eval_data (split validation), with num_train_images/num_eval_images to bound
-the cost.
+saw only seed-0 crops. `--config.eval_data.split=val` scores the held-out
+band (pixels pre-training never saw) instead. For ImageNet:
+--config.train_data.source=tfds --config.train_data.name=imagenet2012 (split
+train) and the same for eval_data (split validation), with
+num_train_images/num_eval_images to bound the cost.
 """
 import ml_collections
 from ml_collections import config_dict
