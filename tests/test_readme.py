@@ -27,6 +27,7 @@ SHORTER = {
         '--config.eval.every_steps=15',
         '--config.log_every=10'],
     'python finetune.py': ['--config.num_train_steps=6',
+                           '--config.warmup_epochs=0',
                            '--config.eval_every_epochs=1'],
     'python probe_position.py': ['--config.head.steps=20',
                                  '--config.mask_draws=1',
@@ -101,7 +102,9 @@ def test_every_readme_command_runs_as_documented(tmp_path):
       log = out.stdout + out.stderr
       assert out.returncode == 0, f'{part}\n{log[-3000:]}'
       assert 'Traceback' not in log, f'{part}\n{log[-3000:]}'
-      key = next(k for k in PRINTS if k in part)
+      words = shlex.split(part)
+      program = words[2] if words[1] == '-m' else words[1]
+      key = next(k for k in PRINTS if program.endswith(k))
       assert PRINTS[key].search(log), f'{part} printed:\n{log[-2000:]}'
       ran += 1
   assert ran >= 10, ran
