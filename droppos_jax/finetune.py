@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -95,6 +96,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   tx = classification.make_optimizer(config, lr_fn, abstract_vars['params'])
   model_id = {'protocol': config.protocol, 'model': config.model.to_dict(),
               'num_classes': num_classes, 'image_hw': list(hw)}
+  # A fresh run reads its init weights now, so that a bad init.path leaves
+  # the workdir untouched; a resumed run reads them only if no checkpoint
+  # turns out to be readable.
+  fresh = not checkpoint.complete_steps(epath.Path(workdir) / 'checkpoints')
+  read_init = lambda: classification.load_init(
+      config.init, config.protocol, abstract_vars['params'], hw, patch)
+  early_init = read_init() if config.init.path and fresh else None
   run = run_policy.Run(workdir, config, model_id=model_id,
                        total_steps=total_steps,
                        allow_config_change=allow_config_change)
@@ -119,9 +127,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   def initial_state():
     loaded = {}
-    if config.init.path:
-      loaded = classification.load_init(config.init, config.protocol,
-                                        abstract_vars['params'], hw, patch)
+    if early_init is not None:
+      loaded = early_init
+    elif config.init.path:
+      loaded = read_init()
     else:
       logging.info('No init.path: training from random initialisation.')
     return jax.jit(init_state, out_shardings=state_sh)(loaded)

@@ -293,10 +293,19 @@ def allow_config_change_flag():
 
 
 class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every save step at INFO; keep its warnings and errors only."""
+  """Orbax logs every save step at INFO; keep its warnings and errors only,
+  each on one line: a failed asynchronous save also logs the exception with
+  its traceback, and the exception itself reaches the run policy, which
+  reports a write failure in one line (any other error keeps its traceback
+  where it is raised)."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+    if 'orbax' not in record.pathname:
+      return True
+    if record.exc_info:
+      record.msg = f'{record.getMessage()} ({record.exc_info[1]!r})'
+      record.args, record.exc_info, record.exc_text = (), None, None
+    return record.levelno >= std_logging.WARNING
 
 
 def _exit_on_flag_error(parse: Callable[[], Any],

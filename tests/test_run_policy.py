@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from droppos_jax import checkpoint, run_policy, train
+from droppos_jax import checkpoint, finetune, run_policy, train
 from droppos_jax.configs import finetune as finetune_config
 from droppos_jax.configs import pretrain as pretrain_config
 from droppos_jax.data import device
@@ -178,6 +178,15 @@ def test_the_trainer_leaves_a_refused_workdir_untouched(finished, copy_of,
   assert 'num_train_steps: 4 -> 6' in message
   assert 'log_every' not in message           # operational: may change
   assert snapshot(workdir) == before
+
+
+def test_a_bad_init_path_leaves_a_new_workdir_untouched(tmp_path):
+  config = finetune_config.get_config('runlocal')
+  config.init.path = str(tmp_path / 'no_such_run')
+  workdir = tmp_path / 'ft'
+  with pytest.raises(UserError, match='no_such_run'):
+    finetune.train(config, str(workdir))
+  assert not workdir.exists()
 
 
 def test_a_workdir_without_a_checkpoint_takes_a_corrected_config(tmp_path,

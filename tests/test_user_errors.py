@@ -12,8 +12,11 @@ unrelated weight files (test_weights.py), output suffixes (test_export.py),
 online-evaluation settings (test_online_eval.py), multi-host flags
 (test_multihost.py) and `:arg` values (test_configs.py).
 """
+import errno
 import importlib.util
 import io
+import logging as std_logging
+import os
 import pathlib
 import re
 import subprocess
@@ -26,7 +29,7 @@ import pytest
 import tensorflow as tf
 
 from droppos_jax import checkpoint, export, finetune, probe_position
-from droppos_jax import train, visualize
+from droppos_jax import launch, train, visualize
 from droppos_jax.configs import export as export_config
 from droppos_jax.configs import finetune as finetune_config
 from droppos_jax.configs import linear_probe as linear_probe_config
@@ -512,3 +515,25 @@ def test_a_command_line_slip_exits_1_with_one_error_line(command_lines, name):
   assert 'Traceback' not in stderr, stderr[-3000:]
   last = stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and value in last, (script, last)
+
+
+def test_orbax_errors_are_logged_in_one_line():
+  """A failed asynchronous save: Orbax logs the exception with its traceback
+  before the run policy reports it; the launcher's filter keeps one line."""
+  quiet = launch._QuietOrbax()  # pylint: disable=protected-access
+  try:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  except OSError:
+    exc_info = sys.exc_info()
+  orbax = '/site-packages/orbax/checkpoint/_src/async_checkpointer.py'
+  record = std_logging.LogRecord('absl', std_logging.ERROR, orbax, 1,
+                                 'Save of step %d failed.', (4,), exc_info)
+  assert quiet.filter(record)
+  assert std_logging.Formatter().format(record) == (
+      "Save of step 4 failed. (OSError(28, 'No space left on device'))")
+  info = std_logging.LogRecord('absl', std_logging.INFO, orbax, 1, 'Saved.',
+                               (), None)
+  assert not quiet.filter(info)
+  ours = std_logging.LogRecord('absl', std_logging.ERROR, '/x/droppos_jax/a.py',
+                               1, 'Bug.', (), exc_info)
+  assert quiet.filter(ours) and 'Traceback' in std_logging.Formatter().format(ours)
