@@ -106,6 +106,7 @@ def test_objective_matches_torch_reference():
                                  atol=2e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_attentive_pass_equals_the_full_pass_at_the_visible_tokens(setup):
   params, images = setup
   ids_keep, drop_mask = pretrain.sample_masks(jax.random.key(5), 16, CFG)

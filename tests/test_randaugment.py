@@ -167,6 +167,7 @@ def test_op_matches_pil(name):
       assert_matches_pil(ours, theirs, name in GEOMETRIC)
 
 
+@pytest.mark.slow
 def test_ops_change_the_photo():
   """The comparisons above are not vacuous: at level 9 every op changes the
   crop, and the geometric ones bring in the fill colour."""

@@ -64,6 +64,7 @@ def test_global_batches_are_the_same_for_1_2_and_4_processes(opened, name):
             err_msg=f'{name}, {count} processes, step {step}, {key}')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', RANDOM_ACCESS)
 def test_resume_on_another_host_count_continues_the_stream(opened, name):
   one = batches(opened[name], 6)
@@ -110,6 +111,7 @@ def test_augmentation_differs_between_epochs():
   assert not np.array_equal(first['image'], second['image'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['folder', 'array_record', 'tfrecord'])
 @pytest.mark.parametrize('start_step', [1, 5])
 def test_resume_reproduces_the_uninterrupted_stream(opened, name, start_step):
