@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 from absl import logging
-from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -96,16 +95,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   tx = classification.make_optimizer(config, lr_fn, abstract_vars['params'])
   model_id = {'protocol': config.protocol, 'model': config.model.to_dict(),
               'num_classes': num_classes, 'image_hw': list(hw)}
-  # A fresh run reads its init weights now, so that a bad init.path leaves
-  # the workdir untouched; a resumed run reads them only if no checkpoint
-  # turns out to be readable.
-  fresh = not checkpoint.complete_steps(epath.Path(workdir) / 'checkpoints')
-  read_init = lambda: classification.load_init(
-      config.init, config.protocol, abstract_vars['params'], hw, patch)
-  early_init = read_init() if config.init.path and fresh else None
   run = run_policy.Run(workdir, config, model_id=model_id,
                        total_steps=total_steps,
                        allow_config_change=allow_config_change)
+  # A fresh run reads its init weights before the workdir is claimed, so that
+  # a bad init.path leaves it untouched; a resumed run reads them only if no
+  # checkpoint turns out to be readable.
+  read_init = lambda: classification.load_init(
+      config.init, config.protocol, abstract_vars['params'], hw, patch)
+  early_init = (read_init() if config.init.path and not run.has_checkpoint()
+                else None)
   logging.info('%s: %d classes, %d steps (%d/epoch, %d warm-up), peak lr %.3g, '
                'image %s, mesh %s.', config.protocol, num_classes, total_steps,
                steps_per_epoch, warmup_steps, peak_lr, hw, dict(mesh.shape))

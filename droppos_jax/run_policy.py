@@ -67,6 +67,7 @@ OPERATIONAL_FIELDS = (
     'eval_batch_size', 'eval_every_epochs')
 # errno of writes refused by the storage, not by a mistake in the code.
 FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+CHECKPOINTS = 'checkpoints'  # the workdir's Orbax folder
 LOCK_NAME = 'lock.json'
 LOCK_REFRESH_SECONDS = 60
 LOCK_STALE_SECONDS = 600
@@ -258,13 +259,18 @@ class Run:
     self._ckpts: Optional[checkpoint.Checkpoints] = None
     self._signals: Optional[_StopSignals] = None
 
+  def has_checkpoint(self) -> bool:
+    """Whether the workdir holds a complete checkpoint (reads a listing,
+    writes nothing: callable before the workdir is claimed)."""
+    return bool(checkpoint.complete_steps(self.workdir / CHECKPOINTS))
+
   # ---------------------------------------------------------- enter / exit
   def __enter__(self) -> 'Run':
     try:
       self._agree(self._claim_workdir if self.is_main else lambda: None)
       self._ckpts = self._stack.enter_context(contextlib.closing(
           checkpoint.Checkpoints(
-              self.workdir / 'checkpoints', max_to_keep=self.config.keep_ckpts,
+              self.workdir / CHECKPOINTS, max_to_keep=self.config.keep_ckpts,
               save_every=self.config.ckpt_every, last_step=self.total_steps)))
     except BaseException:
       self._stack.close()
@@ -315,7 +321,7 @@ class Run:
     if saved_file.exists():
       saved = json.loads(saved_file.read_text())
       changes = config_changes(saved, new)
-      if changes and not checkpoint.complete_steps(wd / 'checkpoints'):
+      if changes and not self.has_checkpoint():
         # Nothing to resume (the last try failed before its first save):
         # the corrected config starts afresh.
         logging.warning('%s holds no checkpoint: starting afresh with this '

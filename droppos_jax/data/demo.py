@@ -38,11 +38,8 @@ CROP_SIDE = {'train': (0.3, 1.0), 'val': (0.8, 1.0)}
 @functools.cache
 def _photo(name: str) -> np.ndarray:
   """The named photo as uint8 [H, W, 3] (gray photos repeated to 3 channels)."""
-  photo = np.asarray(Image.open(io.BytesIO(
-      (PHOTO_DIR / f'{name}.jpg').read_bytes())), np.uint8)
-  if photo.ndim == 2:
-    photo = np.repeat(photo[..., None], 3, axis=-1)
-  return photo
+  image = Image.open(io.BytesIO((PHOTO_DIR / f'{name}.jpg').read_bytes()))
+  return np.asarray(image.convert('RGB'), np.uint8)
 
 
 def _parts(photo: np.ndarray, split: str) -> list[np.ndarray]:
