@@ -186,9 +186,33 @@ def test_stream_is_the_same_in_a_fresh_process(opened, folder):
     print([int(next(it)['image'].astype(int).sum()) for _ in range(3)])
   """
   out = subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO,
-                       capture_output=True, text=True).stdout.strip()
+                       capture_output=True, text=True, timeout=120).stdout.strip()
   here = batches(opened['folder'], 3, rows=(4, 8))
   assert out == str([int(b['image'].astype(int).sum()) for b in here])
+
+
+@pytest.mark.slow
+def test_a_script_holding_a_stream_exits(folder):
+  # Left open at exit while tf.data still calls the source's reader (a slow
+  # read makes that certain), a stream used to hang the interpreter's exit
+  # for ever: its iterator's destructor waited for threads that could no
+  # longer take the GIL.
+  code = f"""if True:
+    import dataclasses, sys, time
+    sys.path.insert(0, 'tests')
+    from data_fixtures import folder_cfg
+    from droppos_jax.data import sources, streams, transforms
+    source = sources.open_source(folder_cfg({str(folder)!r}))
+    def slow_read(indices, read=source.read):
+      time.sleep(0.3)
+      return read(indices)
+    source = dataclasses.replace(source, read=slow_read)
+    stream = streams.train_stream(source, transforms.PRETRAIN, image_size=8,
+                                  global_batch_size=8, seed=0)
+    next(stream)
+  """
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO,
+                 capture_output=True, timeout=60)
 
 
 def test_batches_are_uint8_with_labels(opened):

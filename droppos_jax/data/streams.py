@@ -22,8 +22,10 @@ accelerators.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 from typing import Callable, Iterator, Sequence
+import weakref
 
 from absl import logging
 import numpy as np
@@ -128,9 +130,22 @@ def _undecodable(source: sources.Source, indices: Sequence[int]) -> list[str]:
   return bad
 
 
+# A tf.data iterator still alive when Python finalises hangs the exit: its
+# destructor waits for from_generator calls on threads that can no longer take
+# the GIL. Streams still open at exit are closed first, while those can.
+_open_streams = weakref.WeakSet()
+atexit.register(lambda: [stream.close() for stream in list(_open_streams)])
+
+
 def _numpy_batches(ds: tf.data.Dataset,
                    describe_failure: Callable[[int], str]) -> Iterator[dict]:
   """Numpy batches; a decode error raises UserError naming what failed."""
+  batches = _numpy_batches_of(ds, describe_failure)
+  _open_streams.add(batches)
+  return batches
+
+
+def _numpy_batches_of(ds, describe_failure):
   iterator = ds.as_numpy_iterator()
   for i in itertools.count():
     try:
