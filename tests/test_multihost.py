@@ -138,11 +138,8 @@ def stop_one_host(workdir, procs, *, second_after=None, at_step=2):
       procs[0][0].send_signal(signal.SIGTERM)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('second_after', [None, 1.5])
-def test_sigterm_on_one_host_stops_all_at_the_same_step_and_resumes_on_one(
-    one_by_eight, tmp_path, second_after):
-  workdir = tmp_path / 'cut'
+def cut_two_hosts(workdir, second_after=None):
+  """A 2x4 run stopped by SIGTERM to one host: both must save the same step."""
   procs = start(str(workdir), processes=2, devices=4, steps=8)
   stop_one_host(workdir, procs, second_after=second_after)
   codes, logs = finish(procs)
@@ -152,26 +149,11 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step_and_resumes_on_one(
   steps = sorted(int(d.name) for d in (workdir / 'checkpoints').iterdir()
                  if d.name.isdigit())
   assert steps[-1] == saved[0]
-  # Resume the 2-host run on 1 process x 8 devices: the same stream goes on.
-  run(workdir, processes=1, devices=8)
+
+
+def assert_continues_the_stream(workdir, one_by_eight):
   one, resumed = metrics(one_by_eight), metrics(workdir)
   assert sorted(resumed) == list(range(1, 9))  # each step logged once
-  assert [resumed[s]['data_fingerprint'] for s in resumed] == [
-      one[s]['data_fingerprint'] for s in one]
-  assert max_param_diff(final_params(workdir),
-                        final_params(one_by_eight)) < PARAM_ATOL
-
-
-@pytest.mark.slow
-def test_one_host_run_resumes_on_two_hosts(one_by_eight, tmp_path):
-  workdir = tmp_path / 'grow'
-  procs = start(str(workdir), processes=1, devices=8, steps=8)
-  wait_for_step(workdir, 2)
-  procs[0][0].send_signal(signal.SIGTERM)
-  codes, logs = finish(procs)
-  assert codes == [75], logs[0][-2000:]
-  run(workdir, processes=2, devices=4)
-  one, resumed = metrics(one_by_eight), metrics(workdir)
   assert [resumed[s]['data_fingerprint'] for s in sorted(resumed)] == [
       one[s]['data_fingerprint'] for s in sorted(one)]
   assert max_param_diff(final_params(workdir),
@@ -179,9 +161,25 @@ def test_one_host_run_resumes_on_two_hosts(one_by_eight, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_exits_with_one_line(tmp_path):
-  workdir = tmp_path / 'int'
-  procs = start(str(workdir), processes=1, devices=8, steps=40)
+def test_sigterm_on_one_host_stops_all_at_the_same_step_and_resumes_on_one(
+    one_by_eight, tmp_path):
+  workdir = tmp_path / 'cut'
+  cut_two_hosts(workdir)
+  # Resume the 2-host run on 1 process x 8 devices: the same stream goes on.
+  run(workdir, processes=1, devices=8)
+  assert_continues_the_stream(workdir, one_by_eight)
+
+
+@pytest.mark.slow
+def test_sigterms_reaching_the_hosts_apart_save_the_same_step(tmp_path):
+  cut_two_hosts(tmp_path / 'apart', second_after=1.5)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_the_run_resumes_on_two_slurm_hosts(one_by_eight,
+                                                             tmp_path):
+  workdir = tmp_path / 'grow'
+  procs = start(str(workdir), processes=1, devices=8, steps=8)
   wait_for_step(workdir, 2)
   procs[0][0].send_signal(signal.SIGINT)
   codes, logs = finish(procs)
@@ -189,17 +187,14 @@ def test_ctrl_c_saves_and_exits_with_one_line(tmp_path):
   assert 'Traceback' not in logs[0]
   assert 'Stopped (interrupted): saved step' in logs[0]
 
-
-@pytest.mark.slow
-def test_slurm_environment_is_detected(tmp_path):
-  """srun sets SLURM_*; the documented launch is the bare command."""
-  def slurm(i, port):
+  def slurm(i, port):  # what srun sets; the documented launch is bare
     return {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': '127.0.0.1',
             'SLURM_NTASKS': '2', 'SLURM_PROCID': str(i), 'SLURM_LOCALID': str(i),
             'JAX_COORDINATOR_PORT': str(port)}
-  logs = run(tmp_path / 'slurm', processes=2, devices=4, steps=2, env=slurm)
+  logs = run(workdir, processes=2, devices=4, env=slurm)
   assert 'jax.distributed.initialize() (SLURM)' in logs[0]
   assert 'Process 1/2' in logs[1]
+  assert_continues_the_stream(workdir, one_by_eight)
 
 
 @pytest.mark.parametrize('flags_,message', [

@@ -1,5 +1,6 @@
 """The one weight reader (models/weights.py): every source format x every
 kind x every consumer, damaged checkpoints, and bad inputs."""
+import gc
 import json
 import logging
 import pathlib
@@ -328,6 +329,9 @@ def two_step_run(sources, tmp_path):
   return run
 
 
+# Orbax abandons its other reads of a damaged step; Python reports each
+# abandoned coroutine when it is collected. Noise here, not a failure.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('damage', DAMAGES)
 def test_unreadable_latest_step_falls_back_to_the_previous(two_step_run, damage,
                                                           caplog):
@@ -346,6 +350,7 @@ def test_unreadable_latest_step_falls_back_to_the_previous(two_step_run, damage,
   # The same damage in the step folder named directly: an error, no fallback.
   with pytest.raises(UserError, match=r'checkpoints/4 is unreadable \('):
     weights.read(two_step_run / 'checkpoints' / '4')
+  gc.collect()  # the abandoned reads, while their warning is filtered
 
 
 def test_no_readable_step_names_each_reason(two_step_run):
