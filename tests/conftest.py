@@ -1,5 +1,6 @@
-"""Test setup: 8 fake CPU devices so the sharded code paths run here, and one
-JAX compilation cache for the whole session."""
+"""Test setup: 8 fake CPU devices so the sharded code paths run here, and a
+JAX compilation cache for each test process (each xdist worker has its own,
+so no two processes write one cache entry at once)."""
 import os
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Many tests compile the same tiny programs, in this process and in every
 # train.py they start (the environment reaches those); each compile of a
 # train step costs seconds here. Only compiles over 1 s are kept (JAX's
-# default), and only for this session.
+# default), and only until the process ends its session.
 _CACHE = tempfile.mkdtemp(prefix='droppos_tests_jax_cache_')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
 
