@@ -12,6 +12,11 @@ at 224 px of:
   - ours: the pre-training stream exactly as training consumes it
     (data.device.train_batches: decode the crop window, PIL-exact bicubic
     resize, flip, uint8 to the device, normalise there), one per source;
+  - ours with `device_resize_window=512` (folder): the host's part only
+    (decode the crop window, pad it, put the batch on the device), since
+    the resize then runs on the accelerators; its cost there is printed
+    below the table (compiled FLOPs per image, and its time here, where the
+    CPU is the device);
   - torch: DataLoader(num_workers=cores) over the image folder with PIL
     doing the same RandomResizedCrop(224, scale (0.2, 1), bicubic), flip and
     normalisation (torchvision's algorithm written out; torchvision does not
@@ -84,16 +89,27 @@ def prepare_tfds(folder: pathlib.Path, data_dir: pathlib.Path,
       download_config=tfds.download.DownloadConfig(num_shards=16))
 
 
-def ours(data_cfg: dict, *, batch: int, seconds: float, warmup: int) -> float:
-  """Images/s of the pre-training stream as the trainer consumes it."""
+WINDOW = 512  # device_resize_window of the host-part row
+DEVICE_RESIZE = 'folder_device_resize'
+
+
+def ours(data_cfg: dict, *, batch: int, seconds: float, warmup: int,
+         window: int = 0) -> float:
+  """Images/s of the pre-training stream as the trainer consumes it; with
+  `window`, of the host's part only."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from droppos_jax import sharding  # pylint: disable=g-import-not-at-top
-  from droppos_jax.data import device, sources, transforms  # pylint: disable=g-import-not-at-top
+  from droppos_jax.data import device, sources, streams, transforms  # pylint: disable=g-import-not-at-top
   source = sources.open_source(ml_collections.ConfigDict(data_cfg))
-  batches = device.train_batches(
-      source, transforms.PRETRAIN, image_hw=(224, 224), batch_size=batch,
-      seed=0, start_step=0, mesh=sharding.make_mesh(num_devices=1))
+  if window:
+    batches = map(jax.device_put, streams.train_stream(
+        source, transforms.TrainAugment(device_resize_window=window),
+        image_size=224, global_batch_size=batch, seed=0))
+  else:
+    batches = device.train_batches(
+        source, transforms.PRETRAIN, image_hw=(224, 224), batch_size=batch,
+        seed=0, start_step=0, mesh=sharding.make_mesh(num_devices=1))
   for _ in range(warmup):
     jax.block_until_ready(next(batches))
   count, start = 0, time.perf_counter()
@@ -165,10 +181,37 @@ def torch_loader(folder: pathlib.Path, *, batch: int, seconds: float,
   return count / (time.perf_counter() - start)
 
 
-def measure(name: str, a, folder: pathlib.Path, configs: dict) -> float:
+def device_resize_cost(batch: int) -> tuple[float, float]:
+  """(GFLOP per image compiled, ms per image here) of resizing windows of
+  WINDOW pixels to 224 on the device (data.device.resize_windows)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from droppos_jax.data import device  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  windows = rng.integers(0, 256, (batch, WINDOW, WINDOW, 3), np.uint8)
+  hw = rng.integers(100, WINDOW, (batch, 2)).astype(np.int32)
+  flip = rng.random(batch) < 0.5
+  resize = jax.jit(device.resize_windows, static_argnums=3)
+  compiled = resize.lower(windows, hw, flip, 224).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  args = [jax.device_put(x) for x in (windows, hw, flip)]
+  jax.block_until_ready(compiled(*args))
+  start = time.perf_counter()
+  for _ in range(3):
+    jax.block_until_ready(compiled(*args))
+  ms = (time.perf_counter() - start) / 3 / batch * 1e3
+  return cost['flops'] / batch / 1e9, ms
+
+
+def measure(name: str, a, folder: pathlib.Path, configs: dict):
   if name == 'torch':
     return torch_loader(folder, batch=a.batch, seconds=a.seconds,
                         warmup=a.warmup, workers=os.cpu_count())
+  if name == DEVICE_RESIZE:
+    return ours(configs['folder'], batch=a.batch, seconds=a.seconds,
+                warmup=a.warmup, window=WINDOW)
+  if name == 'device_resize_cost':
+    return device_resize_cost(a.batch)
   return ours(configs[name], batch=a.batch, seconds=a.seconds,
               warmup=a.warmup)
 
@@ -180,7 +223,8 @@ def main():
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--seconds', type=float, default=30.)
   p.add_argument('--warmup', type=int, default=5)
-  p.add_argument('--sources', default='folder,array_record,tfrecord,torch')
+  p.add_argument('--sources', default='folder,array_record,tfrecord,'
+                 f'{DEVICE_RESIZE},torch')
   p.add_argument('--measure', help=argparse.SUPPRESS)  # one source, in a child
   a = p.parse_args()
   root = pathlib.Path(a.dir) / str(a.num_files)
@@ -208,22 +252,30 @@ def main():
         f'{np.mean([s[1] for s in sizes]):.0f}, quality 90), 224 px, batch '
         f'{a.batch}, {cores} cores, {a.seconds:.0f} s after {a.warmup} '
         'warm-up batches, each loader in its own process')
-  rates = {}
-  for name in names:  # a fresh process each: no state shared between loaders
+  def child(name):  # a fresh process each: no state shared between loaders
     out = subprocess.run(
         [sys.executable, __file__, '--measure', name, '--dir', a.dir,
          '--num_files', str(a.num_files), '--batch', str(a.batch),
          '--seconds', str(a.seconds), '--warmup', str(a.warmup)],
         check=True, capture_output=True, text=True)
-    rates[name] = json.loads(out.stdout.strip().splitlines()[-1])['rate']
+    return json.loads(out.stdout.strip().splitlines()[-1])['rate']
+  rates = {name: child(name) for name in names}
   base = rates.get('torch')
   print(f'| loader | images/s | images/s per core |'
         f'{" vs torch |" if base else ""}')
   print(f'|---|---|---|{"---|" if base else ""}')
+  labels = {'torch': 'torch DataLoader + PIL',
+            DEVICE_RESIZE: f'ours, folder, device_resize_window={WINDOW} '
+                           '(host part)'}
   for name, rate in rates.items():
-    label = 'torch DataLoader + PIL' if name == 'torch' else f'ours, {name}'
     ratio = f' {rate / base:.2f}x |' if base else ''
-    print(f'| {label} | {rate:.0f} | {rate / cores:.0f} |{ratio}')
+    print(f'| {labels.get(name, f"ours, {name}")} | {rate:.0f} | '
+          f'{rate / cores:.0f} |{ratio}')
+  if DEVICE_RESIZE in names:
+    gflop, ms = child('device_resize_cost')
+    print(f'device_resize_window={WINDOW}: the accelerators resize each '
+          f'window, {gflop:.2f} GFLOP per image (compiled, float32); here, '
+          f'where the CPU is the accelerator, {ms:.1f} ms per image.')
 
 
 if __name__ == '__main__':

@@ -60,11 +60,12 @@ from droppos_jax.errors import UserError
 
 # Fields that may change when a run is resumed: they change how it is run or
 # watched, not what it computes (gradient accumulation is exact; a checkpoint
-# restores onto any mesh). Any other difference is refused.
+# restores onto any mesh; the accelerators resize the same crops as the host,
+# to one grey level). Any other difference is refused.
 OPERATIONAL_FIELDS = (
     'log_every', 'ckpt_every', 'keep_ckpts', 'eval', 'profile_steps',
     'num_devices', 'mesh', 'grad_accum_steps', 'model.remat',
-    'eval_batch_size', 'eval_every_epochs')
+    'eval_batch_size', 'eval_every_epochs', 'device_resize_window')
 # errno of writes refused by the storage, not by a mistake in the code.
 FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 CHECKPOINTS = 'checkpoints'  # the workdir's Orbax folder

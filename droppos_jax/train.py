@@ -38,6 +38,7 @@ class Setup:
   nothing compiled): the trainer runs it, the planner compiles it for a pod."""
   model: droppos_model.DropPos
   objective: pretrain.ObjectiveConfig
+  augment: transforms.TrainAugment
   mesh: jax.sharding.Mesh
   steps_per_epoch: int
   total_steps: int
@@ -57,6 +58,9 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   """Validates the config and builds the step exactly as training runs it
   on `platform` (default: this machine's; the planner passes 'tpu')."""
   hw = launch.image_hw(config)
+  augment = transforms.TrainAugment(
+      device_resize_window=config.device_resize_window)
+  augment.check_size(hw)
   model = droppos_model.droppos_from_model_config(config.model, platform)
   if config.grad_accum_steps < 1:
     raise UserError(f'grad_accum_steps={config.grad_accum_steps} must be >= 1.')
@@ -97,7 +101,7 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
     return state, dict(metrics, data_fingerprint=fingerprint(images))
 
   return Setup(
-      model=model, objective=objective, mesh=mesh,
+      model=model, objective=objective, augment=augment, mesh=mesh,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
       warmup_steps=warmup_steps, lr_fn=lr_fn,
       init_state=jax.jit(init_state, out_shardings=state_sh),
@@ -175,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
     # ------------------------------------------------------------------ data
     batches = device.train_batches(
-        source, transforms.PRETRAIN, image_hw=s.objective.image_hw,
+        source, s.augment, image_hw=s.objective.image_hw,
         batch_size=config.batch_size, seed=config.seed, start_step=start,
         mesh=mesh)
 

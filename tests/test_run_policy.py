@@ -209,7 +209,7 @@ def test_a_workdir_without_a_checkpoint_takes_a_corrected_config(tmp_path,
 OPERATIONAL = {'log_every': 5, 'ckpt_every': 1, 'keep_ckpts': 1,
                'eval.every_steps': 10, 'profile_steps': (2, 3),
                'num_devices': 8, 'mesh.fsdp': 2, 'grad_accum_steps': 2,
-               'model.remat': True}
+               'model.remat': True, 'device_resize_window': 512}
 
 
 def test_operational_fields_may_change(tmp_path):

@@ -228,6 +228,28 @@ def test_batches_are_uint8_with_labels(opened):
                                 [i % 3 for i in ids(tfds_batch['image'])])
 
 
+def test_device_resize_batches_are_padded_windows_of_the_global_stream(
+    opened):
+  """With device_resize_window: each row is its crop window, zero beyond
+  `window_hw`, of the same global stream on 1 and 2 processes."""
+  augment = transforms.TrainAugment(device_resize_window=40)
+  run = lambda rows: next(streams.train_stream(
+      opened['folder'], augment, image_size=8, global_batch_size=8, seed=0,
+      rows=rows))
+  whole = run(None)
+  assert sorted(whole) == ['flip', 'label', 'window', 'window_hw']
+  assert whole['window'].shape == (8, 40, 40, 3)
+  assert whole['window'].dtype == np.uint8
+  for window, (h, w) in zip(whole['window'], whole['window_hw']):
+    assert 1 <= h <= 40 and 1 <= w <= 40
+    assert np.all(window[:h, :w, 2] == 128)   # every colour has blue 128
+    assert not window[h:].any() and not window[:, w:].any()
+  halves = [run((0, 4)), run((4, 8))]
+  for key in whole:
+    np.testing.assert_array_equal(
+        np.concatenate([half[key] for half in halves]), whole[key])
+
+
 @pytest.mark.slow
 def test_corrupt_image_is_named(tmp_path):
   for i in range(8):

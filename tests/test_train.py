@@ -66,11 +66,13 @@ def test_loss_falls_and_checkpoint_written(image_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_data_parallel_fsdp_and_single_device_agree(image_dir, tmp_path):
+def test_data_parallel_fsdp_single_device_and_device_resize_agree(
+    image_dir, tmp_path):
   runs = {}
   for name, overrides in {
       'dp8': {}, 'fsdp8': dict(mesh={'data': 1, 'fsdp': -1}),
-      'one': dict(num_devices=1)}.items():
+      'one': dict(num_devices=1),
+      'device_resize': dict(device_resize_window=40)}.items():
     runs[name] = train.train(tiny_config(image_dir, num_train_steps=3,
                                          ckpt_every=10, **overrides),
                              str(tmp_path / name))['losses']
@@ -78,6 +80,10 @@ def test_data_parallel_fsdp_and_single_device_agree(image_dir, tmp_path):
   for name in ('fsdp8', 'one'):
     np.testing.assert_allclose([runs[name][s] for s in (1, 2, 3)],
                                [runs['dp8'][s] for s in (1, 2, 3)], rtol=2e-5)
+  # The same crops resized on the devices: a pixel may move one grey level
+  # (measured: 4e-5 apart; flipping the wrong crops moves the loss by 1e-2).
+  np.testing.assert_allclose([runs['device_resize'][s] for s in (1, 2, 3)],
+                             [runs['dp8'][s] for s in (1, 2, 3)], rtol=2e-4)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 torchvision pipeline computes: decoding, RandomResizedCrop (box, fused JPEG
 crop, bicubic resize, flip), the evaluation crop, random-erasing draws."""
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -97,6 +98,42 @@ def test_train_crop_is_torchvisions_random_resized_crop_and_flip(photos):
     assert flipped or np.abs(ours - ref).max() <= 1, k
     flips.add(flipped)
   assert flips == {True, False}
+
+
+def test_device_resize_window_ships_the_crop_window_and_flip(photos):
+  """With device_resize_window the host sends the crop window itself (or,
+  when it is over the window, its resize) and the flip PRETRAIN draws."""
+  augment = transforms.TrainAugment(device_resize_window=256)
+  seen = set()
+  for k in range(12):
+    data = tf.constant(photos[k % 2])
+    box_fn = lambda s, k=k: transforms.crop_box(s, transforms.fold(key(k), 0))
+    window = transforms.decode_crop(data, box_fn)
+    fits = max(window.shape[:2]) <= 256
+    out = augment(data, True, key(k), (224, 224))
+    expected = window if fits else transforms.resize(window, (224, 224))
+    np.testing.assert_array_equal(out['window'], expected)
+    assert list(out['window_hw']) == list(expected.shape[:2])
+    host = transforms.PRETRAIN(data, True, key(k), (224, 224))['image']
+    resized = transforms.resize(window, (224, 224)).numpy()
+    flip = bool(out['flip'])
+    np.testing.assert_array_equal(host, resized[:, ::-1] if flip else resized)
+    seen.add((fits, flip))
+  assert {f for f, _ in seen} == {True, False}
+  assert {f for _, f in seen} == {True, False}
+
+
+@pytest.mark.parametrize('kwargs,hw,message', [
+    (dict(device_resize_window=-1), None, 'device_resize_window=-1 must be 0'),
+    (dict(device_resize_window=512, randaugment_layers=2), None,
+     'needs randaugment_layers=0'),
+    (dict(device_resize_window=128), (224, 224),
+     'square image_size of at most 128 pixels, got (224, 224)'),
+    (dict(device_resize_window=512), (224, 160), 'got (224, 160)'),
+])
+def test_device_resize_window_errors(kwargs, hw, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    transforms.TrainAugment(**kwargs).check_size(hw)
 
 
 def test_eval_transform_is_resize_then_centre_crop(photos):

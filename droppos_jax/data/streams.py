@@ -265,14 +265,17 @@ def train_stream(source: sources.Source, augment: transforms.TrainAugment, *,
                  seed: int, start_step: int = 0,
                  rows: tuple[int, int] | None = None) -> Iterator[dict]:
   """Endless augmented batches {'image': uint8 [R, h, w, 3], 'label': int32
-  [R]} (plus 'erase' when `augment` erases): rows [row_start, row_stop) of
-  every global batch from `start_step` on, R = row_stop - row_start.
+  [R]} (plus 'erase' when `augment` erases; with `device_resize_window` P,
+  crop windows {'window': uint8 [R, P, P, 3] zero-padded, 'window_hw',
+  'flip'} in place of 'image'): rows [row_start, row_stop) of every global
+  batch from `start_step` on, R = row_stop - row_start.
 
   From any `start_step` it yields exactly what an uninterrupted stream
   yields from that step, and (random-access sources) the rows of what a
   one-process stream yields, bit for bit.
   """
   hw = image_hw(image_size)
+  augment.check_size(hw)
   rows = check_rows(rows, global_batch_size)
   if start_step < 0:
     raise UserError(f'start_step must be >= 0, got {start_step}.')
@@ -292,8 +295,14 @@ def train_stream(source: sources.Source, augment: transforms.TrainAugment, *,
 
   ds = records.map(example, num_parallel_calls=tf.data.AUTOTUNE,
                    deterministic=True)
-  ds = ds.batch(rows[1] - rows[0], drop_remainder=True).prefetch(
-      tf.data.AUTOTUNE).with_options(_options())
+  if augment.device_resize_window:  # padded straight into the batch: one copy
+    p = augment.device_resize_window
+    ds = ds.padded_batch(rows[1] - rows[0], drop_remainder=True, padded_shapes={
+        k: [p, p, 3] if k == 'window' else v.shape
+        for k, v in ds.element_spec.items()})
+  else:
+    ds = ds.batch(rows[1] - rows[0], drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
   def describe_failure(i):
     step = start_step + i

@@ -38,7 +38,7 @@ JPEG_DCT_METHOD = 'INTEGER_ACCURATE'   # libjpeg's JDCT_ISLOW, PIL's choice
 JPEG_CROP_MARGIN = 4
 ERASE_AREA = (0.02, 1 / 3)     # timm RandomErasing defaults
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
-_RESAMPLE_BITS = 22            # PIL's fixed-point precision for 8-bit images
+RESAMPLE_BITS = 22             # PIL's fixed-point precision for 8-bit images
 _RESAMPLE_GROUP = 16           # outputs per block of the banded resample
 
 
@@ -136,7 +136,7 @@ def _bicubic_coefficients(in_size, out_size, first, count):
                tf.where(x < 2., (((x - 5.) * x + 8.) * x - 4.) * -0.5, 0.))
   w = tf.where(k[None] < (hi - lo)[:, None], w, 0.)
   w /= tf.reduce_sum(w, 1, keepdims=True)
-  one = 2.**_RESAMPLE_BITS
+  one = 2.**RESAMPLE_BITS
   w = tf.where(w < 0, tf.math.ceil(w * one - 0.5), tf.floor(w * one + 0.5))
   return lo, tf.cast(w / one, tf.float32), taps
 
@@ -203,6 +203,12 @@ class TrainAugment:
 
   Pre-training uses the crop and flip only (`PRETRAIN`); fine-tuning adds
   RandAugment ('rand-m9-mstd0.5-inc1') and erasing (`finetune_augment`).
+
+  `device_resize_window` = P > 0 leaves the resize and flip to the
+  accelerators (device.resize_windows, the same PIL resample): the host
+  decodes the crop window only and ships it, padded to P x P, with its size
+  and the flip draw. A window over P pixels a side is resized here first,
+  so the pixels do not depend on P.
   """
   crop_scale: tuple[float, float] = CROP_SCALE
   crop_ratio: tuple[float, float] = CROP_RATIO
@@ -210,23 +216,55 @@ class TrainAugment:
   randaugment_magnitude: float = 9.
   randaugment_mstd: float = 0.5
   random_erasing: float = 0.
+  device_resize_window: int = 0
+
+  def __post_init__(self):
+    if self.device_resize_window < 0:
+      raise UserError(f'device_resize_window={self.device_resize_window} '
+                      'must be 0 (resize on the host) or a window size in '
+                      'pixels, e.g. 512.')
+    if self.device_resize_window and self.randaugment_layers:
+      raise UserError('device_resize_window needs randaugment_layers=0: '
+                      'RandAugment runs on the host, after the resize.')
+
+  def check_size(self, hw) -> None:
+    """Raises UserError when crops of size `hw` cannot be resized on the
+    accelerators with this window."""
+    window = self.device_resize_window
+    if window and (hw[0] != hw[1] or window < hw[0]):
+      raise UserError(f'device_resize_window={window} needs a square '
+                      f'image_size of at most {window} pixels, got '
+                      f'{tuple(hw)}; or set it to 0 (resize on the host).')
 
   def __call__(self, image, encoded: bool, key, hw) -> dict:
     """`image`: a file's bytes if `encoded`, else uint8 pixels. Returns
-    {'image': uint8 [*hw, 3]} plus, with erasing, {'erase': int32 [5]}."""
+    {'image': uint8 [*hw, 3]} plus, with erasing, {'erase': int32 [5]}; with
+    `device_resize_window`, {'window': uint8 [h, w, 3] (h, w <= the window),
+    'window_hw': int32 [2], 'flip': bool} instead of 'image'."""
     box_fn = lambda shape: crop_box(shape, fold(key, 0), self.crop_scale,
                                     self.crop_ratio)
     window = decode_crop(image, box_fn) if encoded else crop(image, box_fn)
-    out = resize(window, hw)
-    out = tf.image.stateless_random_flip_left_right(out, seed=fold(key, 1))
-    if self.randaugment_layers:
-      out = randaugment.rand_augment(
-          out, fold(key, 2), self.randaugment_layers,
-          self.randaugment_magnitude, self.randaugment_mstd)
-    example = {'image': out}
+    if self.device_resize_window:
+      example = self._window(window, fold(key, 1), hw)
+    else:
+      out = resize(window, hw)
+      out = tf.image.stateless_random_flip_left_right(out, seed=fold(key, 1))
+      if self.randaugment_layers:
+        out = randaugment.rand_augment(
+            out, fold(key, 2), self.randaugment_layers,
+            self.randaugment_magnitude, self.randaugment_mstd)
+      example = {'image': out}
     if self.random_erasing > 0:
       example['erase'] = erase_box(fold(key, 3), hw, self.random_erasing)
     return example
+
+  def _window(self, window, flip_key, hw) -> dict:
+    shape = tf.shape(window)
+    fits = tf.reduce_all(shape[:2] <= self.device_resize_window)
+    window = tf.cond(fits, lambda: window, lambda: resize(window, hw))
+    # The draw of tf.image.stateless_random_flip_left_right.
+    flip = tf.random.stateless_uniform([], seed=flip_key) < 0.5
+    return {'window': window, 'window_hw': tf.shape(window)[:2], 'flip': flip}
 
 
 PRETRAIN = TrainAugment()
