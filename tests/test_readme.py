@@ -37,7 +37,8 @@ SHORTER = {
                                    '--config.model.projector=tiny'],
     'python benchmarks/input_throughput.py': ['--num_files', '64', '--seconds',
                                               '1', '--warmup', '1',
-                                              '--sources', 'folder'],
+                                              '--sources',
+                                              'folder,folder_device_resize'],
     'python benchmarks/step_time.py': ['--variants', 'mu/16', '--image_size',
                                        '64', '--steps', '2', '--alternations',
                                        '1', '--skip_torch'],
@@ -50,7 +51,9 @@ PRINTS = {
     'visualize.py': re.compile(r'wrote \S+\.png \(step \d+'),
     'export.py': re.compile(r'wrote \d+ tensors \(droppos\) to'),
     'droppos_jax.plan': re.compile(r'GFLOP'),
-    'input_throughput.py': re.compile(r'\| ours, folder \| \d+'),
+    'input_throughput.py': re.compile(r'\| ours, folder \| \d+[\s\S]*'
+                                      r'\(host part\) \| \d+[\s\S]*'
+                                      r'GFLOP per image'),
     'step_time.py': re.compile(r'img/s'),
 }
 
