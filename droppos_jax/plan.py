@@ -1,7 +1,8 @@
 r"""Plans pre-training on a Cloud TPU pod from any machine: compiles the exact
 train step for the pod's topology ahead of time, on this machine's CPU, and
 reports memory per chip (and whether it fits), FLOPs per step and how long
-the recipe takes.
+the recipe takes; with `device_resize_window`, also what resizing the crop
+windows costs the chips.
 
   python -m droppos_jax.plan \
       --config configs/pretrain.py:variant=L/16,epochs=800 --topology v5e:16x16
@@ -35,6 +36,7 @@ from jax.experimental import topologies
 import ml_collections
 
 from droppos_jax import hardware, launch, sharding, train
+from droppos_jax.data import device
 from droppos_jax.errors import UserError
 
 IMAGENET_TRAIN_EXAMPLES = 1281167
@@ -165,6 +167,9 @@ class Plan:
   model_flops_per_chip: float     # analytic (model_flops_per_example)
   mfu: float
   suggestions: tuple[str, ...]
+  # device_resize_window > 0: device.resize_windows per chip per step,
+  # compiled (FLOPs, bytes accessed, the windows' bytes); else None.
+  resize: Optional[tuple[float, float, int]] = None
 
   @property
   def step_seconds_at_peak(self) -> float:
@@ -182,6 +187,24 @@ class Plan:
   @property
   def train_seconds(self) -> float:
     return self.total_steps * self.step_seconds
+
+
+def _resize_cost(window: int, size: int, batch_size: int,
+                 mesh: jax.sharding.Mesh) -> tuple[float, float, int]:
+  """(FLOPs, bytes accessed, bytes of windows) per chip per step of
+  resizing a batch of crop windows on the chips (device.resize_windows)."""
+  batch_sh = sharding.batch_sharding(mesh)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                   sharding=batch_sh)
+  windows = spec((batch_size, window, window, 3), jax.numpy.uint8)
+  compiled = jax.jit(device.resize_windows, static_argnums=3,
+                     out_shardings=batch_sh).lower(
+                         windows, spec((batch_size, 2), jax.numpy.int32),
+                         spec((batch_size,), jax.numpy.bool_), size).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return (float(cost['flops']), float(cost.get('bytes accessed', 0.)),
+          windows.size // mesh.size)
 
 
 def _state_bytes_per_chip(abstract_state: Any) -> int:
@@ -302,6 +325,9 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
               'code': m.generated_code_size_in_bytes}
     needed = (memory['arguments'] + memory['temporaries'] + memory['outputs']
               - memory['aliased'])
+  resize = (_resize_cost(config.device_resize_window, s.objective.image_hw[0],
+                         config.batch_size, mesh)
+            if config.device_resize_window else None)
   compile_seconds = time.perf_counter() - t0
   hbm = int(chip.hbm_gib * 2**30)
   fits = not error and needed <= hbm
@@ -317,7 +343,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
       model_flops_per_chip=model_flops, mfu=mfu,
       suggestions=() if fits else _suggestions(
           config, mesh_shape, num_slices, needed, state_bytes, batch_bytes,
-          hbm))
+          hbm), resize=resize)
 
 
 # ---------------------------------------------------------------- report ---
@@ -381,6 +407,14 @@ def report(plan: Plan, config: ml_collections.ConfigDict) -> str:
       f'FLOPs, FLOP-bound); at MFU {plan.mfu:.0%}: '
       f'{_duration(plan.step_seconds)} -> {plan.images_per_second:,.0f} '
       f'images/s; {run} in {_duration(plan.train_seconds)}.')
+  if plan.resize:
+    flops, traffic, windows = plan.resize
+    lines.append(
+        f'Resizing on the chips (device_resize_window='
+        f'{config.device_resize_window}), a jitted function beside the '
+        f'step: {flops / 1e9:,.1f} GFLOP (float32 at HIGHEST precision) and '
+        f'{traffic / 1e9:,.2f} GB of memory traffic per chip per step; the '
+        f'windows arrive as {_size(windows)} per chip per step.')
   hosts = f'{plan.num_hosts} host' + ('s' if plan.num_hosts > 1 else '')
   lines.append(f'Input: {plan.images_per_second / plan.num_hosts:,.0f} '
                f'images/s per host ({hosts}) to keep up.')

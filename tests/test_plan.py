@@ -95,6 +95,25 @@ def test_tiny_recipe_compiles_for_v5e_and_reports(tiny_plan, capsys):
 
 
 @pytest.mark.slow
+def test_resizing_on_the_chips_is_planned(capsys):
+  config = tiny_config()
+  config.device_resize_window = 96
+  p = plan.make_plan(config, 'v5e:2x2')
+  flops, traffic, windows = p.resize
+  images = 16 // 4   # per chip
+  # Per image, the two passes as matmuls: 96 x 96 pixels to 64 columns, then
+  # 96 rows to 64, 3 channels; the compiled count adds the weights' work.
+  analytic = images * 2 * 3 * (96 * 96 * 64 + 64 * 96 * 64)
+  assert 1 <= flops / analytic < 1.2
+  assert windows == images * 96 * 96 * 3
+  assert traffic > windows
+  print(plan.report(p, config))
+  out = capsys.readouterr().out
+  assert (f'Resizing on the chips (device_resize_window=96), a jitted '
+          f'function beside the step: {flops / 1e9:,.1f} GFLOP') in out
+
+
+@pytest.mark.slow
 def test_two_slices_split_the_batch(tiny_plan):
   p = plan.make_plan(tiny_config(), 'v5e:2x2', num_slices=2)
   assert (p.num_chips, p.num_slices, p.num_hosts) == (8, 2, 2)
