@@ -228,6 +228,7 @@ def test_batches_are_uint8_with_labels(opened):
                                 [i % 3 for i in ids(tfds_batch['image'])])
 
 
+@pytest.mark.slow
 def test_device_resize_batches_are_padded_windows_of_the_global_stream(
     opened):
   """With device_resize_window: each row is its crop window, zero beyond
