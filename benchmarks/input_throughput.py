@@ -185,22 +185,22 @@ def device_resize_cost(batch: int) -> tuple[float, float]:
   """(GFLOP per image compiled, ms per image here) of resizing windows of
   WINDOW pixels to 224 on the device (data.device.resize_windows)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from droppos_jax import plan, sharding  # pylint: disable=g-import-not-at-top
   from droppos_jax.data import device  # pylint: disable=g-import-not-at-top
+  flops, _, _ = plan.resize_cost(WINDOW, 224, batch,
+                                 sharding.make_mesh(num_devices=1))
   rng = np.random.default_rng(0)
-  windows = rng.integers(0, 256, (batch, WINDOW, WINDOW, 3), np.uint8)
-  hw = rng.integers(100, WINDOW, (batch, 2)).astype(np.int32)
-  flip = rng.random(batch) < 0.5
+  args = [jax.device_put(x) for x in (
+      rng.integers(0, 256, (batch, WINDOW, WINDOW, 3), np.uint8),
+      rng.integers(100, WINDOW, (batch, 2)).astype(np.int32),
+      rng.random(batch) < 0.5)]
   resize = jax.jit(device.resize_windows, static_argnums=3)
-  compiled = resize.lower(windows, hw, flip, 224).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  args = [jax.device_put(x) for x in (windows, hw, flip)]
-  jax.block_until_ready(compiled(*args))
+  jax.block_until_ready(resize(*args, 224))
   start = time.perf_counter()
   for _ in range(3):
-    jax.block_until_ready(compiled(*args))
+    jax.block_until_ready(resize(*args, 224))
   ms = (time.perf_counter() - start) / 3 / batch * 1e3
-  return cost['flops'] / batch / 1e9, ms
+  return flops / batch / 1e9, ms
 
 
 def measure(name: str, a, folder: pathlib.Path, configs: dict):

@@ -189,8 +189,8 @@ class Plan:
     return self.total_steps * self.step_seconds
 
 
-def _resize_cost(window: int, size: int, batch_size: int,
-                 mesh: jax.sharding.Mesh) -> tuple[float, float, int]:
+def resize_cost(window: int, size: int, batch_size: int,
+                mesh: jax.sharding.Mesh) -> tuple[float, float, int]:
   """(FLOPs, bytes accessed, bytes of windows) per chip per step of
   resizing a batch of crop windows on the chips (device.resize_windows)."""
   batch_sh = sharding.batch_sharding(mesh)
@@ -201,8 +201,7 @@ def _resize_cost(window: int, size: int, batch_size: int,
                      out_shardings=batch_sh).lower(
                          windows, spec((batch_size, 2), jax.numpy.int32),
                          spec((batch_size,), jax.numpy.bool_), size).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = train.compiled_cost(compiled)
   return (float(cost['flops']), float(cost.get('bytes accessed', 0.)),
           windows.size // mesh.size)
 
@@ -325,8 +324,8 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
               'code': m.generated_code_size_in_bytes}
     needed = (memory['arguments'] + memory['temporaries'] + memory['outputs']
               - memory['aliased'])
-  resize = (_resize_cost(config.device_resize_window, s.objective.image_hw[0],
-                         config.batch_size, mesh)
+  resize = (resize_cost(config.device_resize_window, s.objective.image_hw[0],
+                        config.batch_size, mesh)
             if config.device_resize_window else None)
   compile_seconds = time.perf_counter() - t0
   hbm = int(chip.hbm_gib * 2**30)

@@ -123,11 +123,16 @@ def fingerprint(images):
       dtype=jnp.uint32)
 
 
+def compiled_cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled program, per device ('flops',
+  'bytes accessed', ...); some backends wrap it in a list of one."""
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
 def describe_compiled(compiled) -> tuple[float, str]:
   """(FLOPs per device per step, a line on memory and FLOPs per device)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.))
+  flops = float(compiled_cost(compiled).get('flops', 0.))
   mem = compiled.memory_analysis()
   gib = lambda b: b / 2**30
   line = f'{flops / 1e9:.1f} GFLOP per device per step'
