@@ -157,8 +157,9 @@ def build_jax_step(shapes: Shapes):
   model = droppos.droppos_from_config(shapes.variant, PROJECTOR,
                                       dtype=jnp.float32)
   hw = (shapes.image_size,) * 2
-  cfg = pretrain.ObjectiveConfig(image_hw=hw, patch_size=shapes.size.patch_size,
-                                 tau=TAU, sigma=SIGMA)
+  cfg = pretrain.ObjectiveConfig(
+      image_hw=hw, patch_size=shapes.size.patch_size,
+      masking=masking.Masking('random', 0.75, 0.75), tau=TAU, sigma=SIGMA)
   lr = optim.lr_schedule(PEAK_LR, total_steps=LR_TOTAL, warmup_steps=LR_WARMUP)
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       b1=0.9, b2=0.95, weight_decay=WEIGHT_DECAY, clip='per_tensor',

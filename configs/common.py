@@ -60,6 +60,15 @@ def data_config(source='tfds', name=None, data_dir=None, split='train',
       path=text(path)))
 
 
+def masking_config() -> ml_collections.ConfigDict:
+  """The paper's masking (§3): 75 % of the patches masked, the PE of 75 % of
+  the visible ones dropped. `strategy` names a registered masking
+  (droppos_jax.masking.MASKINGS: 'random' as MAE and the paper, 'block' as
+  BEiT)."""
+  return ml_collections.ConfigDict(dict(
+      strategy='random', mask_ratio=0.75, pos_drop_ratio=0.75))
+
+
 def base_pretrain_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -76,9 +85,10 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
       # jax.nn.dot_product_attention: 'auto' = cuDNN on GPUs in half
       # precision, XLA elsewhere; or 'xla' / 'cudnn'.
       attention='auto'))
+  c.masking = masking_config()
   c.objective = ml_collections.ConfigDict(dict(
-      mask_ratio=0.75, pos_drop_ratio=0.75, attentive=True, tau=0.1,
-      sigma=1.0, sigma_schedule='linear_epoch', official_quirks=False))
+      attentive=True, tau=0.1, sigma=1.0, sigma_schedule='linear_epoch',
+      official_quirks=False))
   c.data = data_config('tfds', name='imagenet2012')
   # 0: each crop is resized on the host (tf.data). P > 0: the host decodes
   # the crop window only and ships it padded to P x P; the accelerators do

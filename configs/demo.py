@@ -26,8 +26,8 @@ def get_config(arg=None):
   # without their PE; with 16 patches the paper's 75 % masking and 75 %
   # dropping leave 3 pieces to place from 1 anchor, too little to learn
   # from in minutes.
-  c.objective.mask_ratio = 0.0
-  c.objective.pos_drop_ratio = 0.5
+  c.masking.mask_ratio = 0.0
+  c.masking.pos_drop_ratio = 0.5
   # sigma_0 = 1 is for a 14x14 grid; on 4x4 it blurs targets over the grid.
   c.objective.sigma = 0.5
   c.optim.blr = 4e-3              # tiny model, small batch: larger base lr

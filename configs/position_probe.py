@@ -34,8 +34,7 @@ def get_config(arg=None):
   # width is not a vit.VARIANTS width; image_size is the square probe size.
   c.num_heads = config_dict.placeholder(int)
   c.image_size = config_dict.placeholder(int)
-  c.mask_ratio = 0.75
-  c.pos_drop_ratio = 0.75
+  c.masking = common.masking_config()
   c.use_mask_token = True         # False: dropped tokens get no PE
   c.train_data = common.data_config('demo', split='train')
   c.train_data.num_images, c.train_data.seed = 2048, 1

@@ -7,8 +7,8 @@ r"""Pictures of a DropPos checkpoint's position predictions (visualize.py).
 
 `init.path`: a DropPos pre-training workdir or step folder, or a DropPos
 weights file. Images come from the demo's held-out 'val' split unless `data`
-says otherwise; masks from key(seed). mask_ratio / pos_drop_ratio default to
-the run's config.json, else the paper's 0.75.
+says otherwise; masks from key(seed). Unset `masking` fields come from the run's
+config.json, else the paper's (configs/common.py).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -22,7 +22,9 @@ def get_config(arg=None):
   c.init = ml_collections.ConfigDict(dict(path=''))
   c.num_images = 4
   c.seed = 0
-  c.mask_ratio = config_dict.placeholder(float)
-  c.pos_drop_ratio = config_dict.placeholder(float)
+  c.masking = ml_collections.ConfigDict(dict(
+      strategy=config_dict.placeholder(str),
+      mask_ratio=config_dict.placeholder(float),
+      pos_drop_ratio=config_dict.placeholder(float)))
   c.data = common.data_config('demo', split='val')
   return c

@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from droppos_jax import losses, masking, sharding
+from droppos_jax.configs import common
 from droppos_jax.data import device, sources
 from droppos_jax.errors import UserError, writing
 from droppos_jax.models import droppos as droppos_model
@@ -50,8 +51,8 @@ def load_droppos(path: str):
   """(model, weights, objective) of a DropPos checkpoint: a pre-training
   workdir or step folder, or a DropPos weights file (weights.read).
 
-  `objective` holds mask_ratio, pos_drop_ratio and tau from the run's
-  config.json when present, else the paper's defaults.
+  `objective` holds the run's `masking` block and `tau` from its
+  config.json when present, else the paper's (configs/common.py).
   """
   w = weights.read(path, what='init.path')
   if w.kind != 'droppos':
@@ -64,10 +65,13 @@ def load_droppos(path: str):
     raise UserError(f'init.path: {w.source} does not tell its image size.')
   # Pictures need no speed: float32 whatever the run computed in.
   model = w.droppos()
-  objective = {'mask_ratio': 0.75, 'pos_drop_ratio': 0.75, 'tau': 0.1}
-  saved = run_config(w).get('objective', {})
-  objective.update({k: saved[k] for k in objective if k in saved})
-  return model, w, objective
+  paper = common.base_pretrain_config()
+  saved = run_config(w)
+  # Runs from before the `masking` block kept its ratios in `objective`.
+  saved_masking = saved.get('masking') or saved.get('objective', {})
+  mask = {k: saved_masking.get(k, v) for k, v in paper.masking.items()}
+  tau = saved.get('objective', {}).get('tau', paper.objective.tau)
+  return model, w, {'masking': mask, 'tau': tau}
 
 
 def run_config(w: weights.Weights) -> dict[str, Any]:
@@ -319,26 +323,23 @@ def render(images_rgb, ids_keep, drop_mask, predicted, attention, *,
 
 
 def visualize_checkpoint(path: str, output: str, *, data_cfg, num_images: int,
-                         seed: int = 0, mask_ratio: Optional[float] = None,
-                         pos_drop_ratio: Optional[float] = None,
+                         seed: int = 0, masking_cfg: Mapping[str, Any] = {},
                          **render_kwargs: Any) -> dict[str, Any]:
   """Renders `num_images` images of `data_cfg` through the checkpoint at
-  `path` (masks from key(seed)); returns {'path', 'acc', 'step', 'data' (which
-  images), 'title'}."""
+  `path` (masks from key(seed); `masking_cfg` fields that are not None
+  replace the run's); returns {'path', 'acc', 'step', 'data' (which images),
+  'title'}."""
   model, w, objective = load_droppos(path)
-  mask_ratio = objective['mask_ratio'] if mask_ratio is None else mask_ratio
-  pos_drop_ratio = (objective['pos_drop_ratio'] if pos_drop_ratio is None
-                    else pos_drop_ratio)
+  mask = masking.Masking(**{**objective['masking'], **{
+      k: v for k, v in masking_cfg.items() if v is not None}})
   hw = w.image_hw
   batch = next(device.eval_batches(
       sources.open_source(data_cfg), image_hw=hw, batch_size=num_images,
       num_examples=num_images, mesh=sharding.make_mesh(num_devices=1)))
   n = model.encoder.patch_size
   grid = (hw[0] // n, hw[1] // n)
-  ids_keep, drop_mask = jax.jit(
-      masking.sample_masks, static_argnums=(1, 2, 3, 4))(
-          jax.random.key(seed), num_images, grid[0] * grid[1], mask_ratio,
-          pos_drop_ratio)
+  ids_keep, drop_mask = jax.jit(mask.sample, static_argnums=(1, 2))(
+      jax.random.key(seed), num_images, grid)
   logits, attention = jax.jit(functools.partial(
       predict, model, tau=objective['tau']))(w.params, batch['image'],
                                              ids_keep, drop_mask)

@@ -127,7 +127,7 @@ def model_flops_per_example(setup: train.Setup) -> int:
   its weight gradient from the visible patches."""
   enc, proj, obj = setup.model.encoder, setup.model.projector, setup.objective
   n = obj.num_patches
-  k = int(n * (1. - obj.mask_ratio))  # visible patches (masking.mask_counts)
+  k = obj.masking.counts(obj.grid)[0]  # visible patches
   d, pixels = enc.width, enc.patch_size**2 * 3
   masked = enc.depth * _block_flops(1 + k, 1 + k, d, enc.mlp_dim)
   head = 2 * (1 + k) * d * proj.width + 2 * k * proj.width * n

@@ -27,8 +27,7 @@ class ObjectiveConfig:
   paper's: sigma_0 = 1, linear per epoch) and the reference's quirks."""
   image_hw: tuple[int, int]
   patch_size: int
-  mask_ratio: float = 0.75
-  pos_drop_ratio: float = 0.75
+  masking: masking.Masking
   attentive: bool = True
   tau: float = 0.1
   sigma: float = 1.0
@@ -39,7 +38,7 @@ class ObjectiveConfig:
 
   def __post_init__(self):
     grid = vit.grid_size(self.image_hw, self.patch_size)
-    masking.mask_counts(grid[0] * grid[1], self.mask_ratio, self.pos_drop_ratio)
+    self.masking.counts(grid)
     if self.official_quirks:
       losses.check_official_grid(grid, self.official_grid_width)
     if not self.tau > 0:
@@ -71,11 +70,6 @@ class ObjectiveConfig:
     return self.grid[0] * self.grid[1]
 
 
-def sample_masks(key, batch_size: int, cfg: ObjectiveConfig):
-  return masking.sample_masks(key, batch_size, cfg.num_patches, cfg.mask_ratio,
-                              cfg.pos_drop_ratio)
-
-
 def masked_loss_fn(params, model: droppos_model.DropPos, images, ids_keep,
                    drop_mask, sigma, cfg: ObjectiveConfig):
   """(loss, metrics) of DropPos on `images` [B, H, W, 3] for given masks.
@@ -103,7 +97,7 @@ def masked_loss_fn(params, model: droppos_model.DropPos, images, ids_keep,
 def loss_fn(params, model: droppos_model.DropPos, images, key, sigma,
             cfg: ObjectiveConfig):
   """(loss, metrics) with masks drawn from `key`."""
-  ids_keep, drop_mask = sample_masks(key, images.shape[0], cfg)
+  ids_keep, drop_mask = cfg.masking.sample(key, images.shape[0], cfg.grid)
   return masked_loss_fn(params, model, images, ids_keep, drop_mask, sigma, cfg)
 
 
@@ -154,14 +148,14 @@ def accumulated_grads(params, model, images, ids_keep, drop_mask, sigma,
 
 def objective_from_config(config, *, total_steps: int,
                           steps_per_epoch: int) -> ObjectiveConfig:
-  """The objective of a pre-training config: its `objective` block, image
-  size and patch size, with sigma scheduled over the run's steps."""
+  """The objective of a pre-training config: its `objective` and `masking`
+  blocks, image size and patch size, with sigma scheduled over the run's steps."""
   obj = config.objective
   size = config.image_size
   return ObjectiveConfig(
       image_hw=(size, size) if isinstance(size, int) else tuple(size),
       patch_size=vit.decode_variant(config.model.variant).patch_size,
-      mask_ratio=obj.mask_ratio, pos_drop_ratio=obj.pos_drop_ratio,
+      masking=masking.Masking.from_config(config.masking),
       attentive=obj.attentive, tau=obj.tau, sigma=obj.sigma,
       sigma_schedule=obj.sigma_schedule, total_steps=total_steps,
       steps_per_epoch=steps_per_epoch, official_quirks=obj.official_quirks)
@@ -178,7 +172,7 @@ def make_train_step(model: droppos_model.DropPos, tx, cfg: ObjectiveConfig, *,
   def train_step(state, images):
     step = state['step']
     key = jax.random.fold_in(jax.random.key(seed), step)
-    ids_keep, drop_mask = sample_masks(key, images.shape[0], cfg)
+    ids_keep, drop_mask = cfg.masking.sample(key, images.shape[0], cfg.grid)
     sigma = cfg.sigma_at(step)
     grads, metrics = accumulated_grads(state['params'], model, images, ids_keep,
                                        drop_mask, sigma, cfg, accum_steps)

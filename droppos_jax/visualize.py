@@ -26,7 +26,7 @@ def visualize(config, output: str) -> dict:
   out = pictures.visualize_checkpoint(
       config.init.path, output, data_cfg=config.data,
       num_images=config.num_images, seed=config.seed,
-      mask_ratio=config.mask_ratio, pos_drop_ratio=config.pos_drop_ratio)
+      masking_cfg=config.masking.to_dict())
   print(f'wrote {out["path"]} (step {out["step"]}, {out["data"]}: '
         f'{100 * out["acc"]:.1f}% of PE-dropped patches placed right)')
   return out

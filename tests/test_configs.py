@@ -47,7 +47,8 @@ def test_paper_recipes(arg, variant, epochs, warmup):
   assert (c.optim.clip, c.optim.clip_norm) == ('per_tensor', 5.0)
   assert (c.objective.sigma, c.objective.tau) == (1.0, 0.1)
   assert c.objective.sigma_schedule == 'linear_epoch'
-  assert (c.objective.mask_ratio, c.objective.pos_drop_ratio) == (0.75, 0.75)
+  assert (c.masking.strategy, c.masking.mask_ratio, c.masking.pos_drop_ratio) == (
+      'random', 0.75, 0.75)
   assert c.data.name == 'imagenet2012' and c.image_size == 224
   steps_per_epoch, total, warm = launch.schedule_lengths(c, 1_281_167)
   assert (steps_per_epoch, total, warm) == (312, 312 * epochs, 312 * warmup)

@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from droppos_jax import losses, pretrain
+from droppos_jax import losses, masking, pretrain
 from droppos_jax.models import convert, droppos, vit
 
-CFG = pretrain.ObjectiveConfig(image_hw=(16, 32), patch_size=8)  # 2x4 grid
+PAPER_MASKING = masking.Masking('random', 0.75, 0.75)
+CFG = pretrain.ObjectiveConfig(image_hw=(16, 32), patch_size=8,
+                               masking=PAPER_MASKING)  # 2x4 grid
 MODEL = droppos.droppos_from_config('mu/8', 'tiny')
+
+
+def loss_fn(params, model, images, key, sigma, cfg):
+  """(loss, metrics) with masks drawn from `key`."""
+  ids_keep, drop_mask = cfg.masking.sample(key, images.shape[0], cfg.grid)
+  return pretrain.masked_loss_fn(params, model, images, ids_keep, drop_mask,
+                                 sigma, cfg)
 
 
 @pytest.fixture(scope='module')
@@ -48,16 +57,16 @@ def test_mask_token_replaces_pe_only_where_dropped(setup):
 @pytest.mark.slow
 def test_gradients_reach_mask_token_and_not_through_attentive_pass(setup):
   params, images = setup
-  grads, _ = jax.grad(pretrain.loss_fn, has_aux=True)(
+  grads, _ = jax.grad(loss_fn, has_aux=True)(
       params, MODEL, images, jax.random.key(2), 1.0, CFG)
   assert float(jnp.abs(grads['mask_pos_token']).sum()) > 0
   assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
   # With attentive weights computed from the same params, the objective's
   # gradient equals the gradient of the loss with weights held constant.
   cfg_plain = pretrain.ObjectiveConfig(image_hw=(16, 32), patch_size=8,
-                                       attentive=False)
-  loss_w, _ = pretrain.loss_fn(params, MODEL, images, jax.random.key(2), 1.0, CFG)
-  loss_u, _ = pretrain.loss_fn(params, MODEL, images, jax.random.key(2), 1.0,
+                                       masking=PAPER_MASKING, attentive=False)
+  loss_w, _ = loss_fn(params, MODEL, images, jax.random.key(2), 1.0, CFG)
+  loss_u, _ = loss_fn(params, MODEL, images, jax.random.key(2), 1.0,
                                cfg_plain)
   assert np.isfinite(loss_w) and np.isfinite(loss_u) and loss_w != loss_u
 
@@ -77,9 +86,10 @@ def test_objective_matches_torch_reference():
   params, _ = convert.torch_to_flax(state, kind='droppos', projector_num_heads=2)
   model = droppos.DropPos(vit.VisionTransformer(32, 2, 128, 2, patch),
                           droppos.Projector(16, 2, 2))
-  cfg = pretrain.ObjectiveConfig(image_hw=hw, patch_size=patch, tau=tau)
+  cfg = pretrain.ObjectiveConfig(image_hw=hw, patch_size=patch,
+                                 masking=PAPER_MASKING, tau=tau)
   images = np.random.default_rng(0).normal(size=(4, *hw, 3)).astype(np.float32)
-  ids_keep, drop_mask = pretrain.sample_masks(jax.random.key(0), 4, cfg)
+  ids_keep, drop_mask = cfg.masking.sample(jax.random.key(0), 4, cfg.grid)
 
   (loss, _), grads = jax.jit(
       jax.value_and_grad(pretrain.masked_loss_fn, has_aux=True),
@@ -109,7 +119,7 @@ def test_objective_matches_torch_reference():
 @pytest.mark.slow
 def test_attentive_pass_equals_the_full_pass_at_the_visible_tokens(setup):
   params, images = setup
-  ids_keep, drop_mask = pretrain.sample_masks(jax.random.key(5), 16, CFG)
+  ids_keep, drop_mask = CFG.masking.sample(jax.random.key(5), 16, CFG.grid)
   out = MODEL.apply({'params': params}, images, ids_keep, drop_mask,
                     attentive=True)
   full = MODEL.encoder.apply({'params': params['encoder']}, images)
@@ -143,7 +153,7 @@ def test_attentive_dtype_defaults_per_backend():
 @pytest.mark.slow
 def test_bfloat16_attentive_pass_keeps_weights_close(setup):
   params, images = setup
-  ids_keep, drop_mask = pretrain.sample_masks(jax.random.key(6), 16, CFG)
+  ids_keep, drop_mask = CFG.masking.sample(jax.random.key(6), 16, CFG.grid)
   weights = {}
   for dtype in (None, jnp.bfloat16):
     out = MODEL.clone(attentive_dtype=dtype).apply(
@@ -159,7 +169,7 @@ def test_bfloat16_attentive_pass_keeps_weights_close(setup):
 def test_sharded_equals_single_device(setup):
   params, images = setup
   assert jax.device_count() == 8
-  fn = jax.jit(jax.value_and_grad(pretrain.loss_fn, has_aux=True),
+  fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
                static_argnums=(1, 5))
   (loss1, m1), g1 = fn(jax.device_put(params, jax.devices()[0]), MODEL,
                        jax.device_put(images, jax.devices()[0]),
@@ -181,7 +191,7 @@ def test_training_sized_call_compiles_once(setup):
 
   @chex.assert_max_traces(n=1)
   def step(params, images, key, sigma):
-    return jax.value_and_grad(pretrain.loss_fn, has_aux=True)(
+    return jax.value_and_grad(loss_fn, has_aux=True)(
         params, MODEL, images, key, sigma, CFG)
 
   jitted = jax.jit(step)
@@ -191,11 +201,13 @@ def test_training_sized_call_compiles_once(setup):
 
 def test_objective_config_rejects_bad_settings():
   with pytest.raises(ValueError, match='must divide the image size'):
-    pretrain.ObjectiveConfig(image_hw=(30, 32), patch_size=8)
+    pretrain.ObjectiveConfig(image_hw=(30, 32), patch_size=8,
+                             masking=PAPER_MASKING)
   with pytest.raises(ValueError, match='tau=0'):
-    pretrain.ObjectiveConfig(image_hw=(32, 32), patch_size=8, tau=0.)
+    pretrain.ObjectiveConfig(image_hw=(32, 32), patch_size=8,
+                             masking=PAPER_MASKING, tau=0.)
   with pytest.raises(ValueError, match='mask_ratio=1.2'):
-    pretrain.ObjectiveConfig(image_hw=(32, 32), patch_size=8, mask_ratio=1.2)
+    masking.Masking('random', 1.2, 0.75)
   with pytest.raises(ValueError, match='Unknown projector'):
     droppos.droppos_from_config('mu/8', 'huge')
 

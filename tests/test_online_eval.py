@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from droppos_jax import pretrain, sharding
+from droppos_jax import masking, pretrain, sharding
 from droppos_jax.data import demo
 from droppos_jax.configs import common
 from droppos_jax.evaluators import online
 from droppos_jax.models import droppos as droppos_model
 
-OBJ = pretrain.ObjectiveConfig(image_hw=(32, 32), patch_size=8)
+OBJ = pretrain.ObjectiveConfig(image_hw=(32, 32), patch_size=8,
+                               masking=masking.Masking('random', 0.75, 0.75))
 
 
 def numpy_knn(bank, bank_labels, queries, k, temperature, num_classes):

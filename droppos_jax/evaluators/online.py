@@ -119,8 +119,9 @@ class OnlineEvaluator:
     self._bank = load(c.bank_data, c.num_bank_examples)
     self._queries = load(c.query_data, c.num_query_examples)
     # Fixed held-out masks: batch i uses fold_in(key(seed), i).
-    sample = jax.jit(functools.partial(pretrain.sample_masks,
-                                       batch_size=c.batch_size, cfg=obj_cfg),
+    sample = jax.jit(functools.partial(obj_cfg.masking.sample,
+                                       batch_size=c.batch_size,
+                                       grid_hw=obj_cfg.grid),
                      out_shardings=self._queries[0]['image'].sharding)
     for i, batch in enumerate(self._queries):
       batch['ids_keep'], batch['drop_mask'] = sample(

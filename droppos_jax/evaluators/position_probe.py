@@ -75,22 +75,20 @@ def load_encoder(init: str, *, variant: str = 'nano/8', seed: int = 0,
       w.image_hw, w.description, pictures.weights_label(w, init))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _sample_and_encode(encoder, mask_ratio, pos_drop_ratio, params, token,
-                       images, key):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sample_and_encode(encoder, mask: masking.Masking, params, token, images,
+                       key):
   """Final-LN features [B, K, D] of the visible tokens, PEs dropped as in
   DropPos pre-training (vit.VisionTransformer's one encoder pass); `token`
   None means no PE for dropped tokens. Also returns the masks."""
   grid = vit.grid_size(images.shape[1:3], encoder.patch_size)
-  ids_keep, drop_mask = masking.sample_masks(
-      key, images.shape[0], grid[0] * grid[1], mask_ratio, pos_drop_ratio)
+  ids_keep, drop_mask = mask.sample(key, images.shape[0], grid)
   out = encoder.apply({'params': params}, images, ids_keep, drop_mask, token)
   return out['patches'].astype(jnp.float32), ids_keep, drop_mask
 
 
 def extract_dropped_tokens(frozen: FrozenEncoder, batches: Iterable[dict], *,
-                           mask_ratio: float, pos_drop_ratio: float,
-                           draws: int, key: jax.Array,
+                           mask: masking.Masking, draws: int, key: jax.Array,
                            use_mask_token: bool = True):
   """(features [M, D], positions [M]) of every PE-dropped token of `draws`
   mask draws per real example (mask 1) of `batches`, on the host.
@@ -99,8 +97,7 @@ def extract_dropped_tokens(frozen: FrozenEncoder, batches: Iterable[dict], *,
   reproducible. One jitted forward per (batch, draw), compiled once.
   """
   token = frozen.mask_pos_token if use_mask_token else None
-  forward = functools.partial(_sample_and_encode, frozen.encoder,
-                              float(mask_ratio), float(pos_drop_ratio))
+  forward = functools.partial(_sample_and_encode, frozen.encoder, mask)
 
   feats, labels = [], []
   for b, batch in enumerate(batches):
@@ -245,8 +242,8 @@ def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
   else:
     hw = (size, size) if np.ndim(size) == 0 else tuple(size)
   grid = vit.grid_size(hw, frozen.encoder.patch_size)
-  masking.mask_counts(grid[0] * grid[1], config.mask_ratio,
-                      config.pos_drop_ratio)
+  mask = masking.Masking.from_config(config.masking)
+  mask.counts(grid)
   key = jax.random.key(config.seed)
 
   def tokens(data_cfg, num_examples, stream):
@@ -254,8 +251,7 @@ def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
         frozen, device.eval_batches(
             sources.open_source(data_cfg), image_hw=hw, batch_size=config.batch_size,
             num_examples=num_examples, mesh=mesh),
-        mask_ratio=config.mask_ratio, pos_drop_ratio=config.pos_drop_ratio,
-        draws=config.mask_draws, key=jax.random.fold_in(key, stream),
+        mask=mask, draws=config.mask_draws, key=jax.random.fold_in(key, stream),
         use_mask_token=config.use_mask_token)
 
   train_x, train_y = tokens(config.train_data, config.num_train_images, 0)
