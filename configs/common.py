@@ -74,7 +74,10 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.image_size = 224              # int, or (height, width) for non-square
   c.model = ml_collections.ConfigDict(dict(
-      variant='B/16', projector='default',
+      # The position head (droppos_jax.models.droppos.POSITION_HEADS):
+      # 'transformer' (the paper's, sized by `projector` and projector_*)
+      # or 'linear'.
+      variant='B/16', head='transformer', projector='default',
       projector_width=config_dict.placeholder(int),
       projector_depth=config_dict.placeholder(int),
       projector_heads=config_dict.placeholder(int), dtype='float32',

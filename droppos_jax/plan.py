@@ -38,6 +38,7 @@ import ml_collections
 from droppos_jax import hardware, launch, sharding, train
 from droppos_jax.data import device
 from droppos_jax.errors import UserError
+from droppos_jax.models import vit
 
 IMAGENET_TRAIN_EXAMPLES = 1281167
 LIBTPU_PIN = 'libtpu==0.0.42.1'  # the version jax 0.10.2's [tpu] extra pins
@@ -108,37 +109,23 @@ def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
 
 # --------------------------------------------------------- model FLOPs ---
 
-def _block_flops(tokens_in: int, tokens_out: int, width: int,
-                 mlp_dim: int) -> int:
-  """Matmul FLOPs of one transformer block's forward pass for one example:
-  keys and values of `tokens_in`, queries, attention output, projection and
-  MLP of `tokens_out` (vit.Block with `rows`)."""
-  kv = 2 * tokens_in * width * 2 * width
-  attention = 2 * 2 * tokens_out * tokens_in * width  # scores and values
-  rest = 2 * tokens_out * (2 * width * width + 2 * width * mlp_dim)  # q, proj
-  return kv + attention + rest
-
-
 def model_flops_per_example(setup: train.Setup) -> int:
   """Analytic matmul FLOPs of one example's train step (no remat recompute):
-  3x the forward of the masked pass and projector (forward, backward as two
+  3x the forward of the masked pass and position head (forward, backward as two
   matmuls per matmul), 1x the forward-only attentive pass, the patch
   embedding forward (all patches when shared with the attentive pass) and
   its weight gradient from the visible patches."""
-  enc, proj, obj = setup.model.encoder, setup.model.projector, setup.objective
+  enc, obj = setup.model.encoder, setup.objective
   n = obj.num_patches
   k = obj.masking.counts(obj.grid)[0]  # visible patches
   d, pixels = enc.width, enc.patch_size**2 * 3
-  masked = enc.depth * _block_flops(1 + k, 1 + k, d, enc.mlp_dim)
-  head = 2 * (1 + k) * d * proj.width + 2 * k * proj.width * n
-  head += sum(_block_flops(1 + k, k if i == proj.depth - 1 else 1 + k,
-                           proj.width, 4 * proj.width)
-              for i in range(proj.depth))
+  masked = enc.depth * vit.block_flops(1 + k, 1 + k, d, enc.mlp_dim)
+  head = setup.model.projector.flops(k, d, n)
   embed = 2 * (n if obj.attentive else k) * pixels * d + 2 * k * pixels * d
   attentive = 0
   if obj.attentive and enc.depth:
-    attentive = ((enc.depth - 1) * _block_flops(1 + n, 1 + n, d, enc.mlp_dim)
-                 + _block_flops(1 + n, 1 + k, d, enc.mlp_dim))
+    attentive = ((enc.depth - 1) * vit.block_flops(1 + n, 1 + n, d, enc.mlp_dim)
+                 + vit.block_flops(1 + n, 1 + k, d, enc.mlp_dim))
   return 3 * (masked + head) + attentive + embed
 
 

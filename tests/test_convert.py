@@ -10,6 +10,7 @@ import pytest
 
 from droppos_jax.errors import UserError
 from droppos_jax.models import classifier, convert, droppos, vit
+import param_checks
 
 HW = (32, 48)  # non-square: grid 4 x 6
 WIDTH, DEPTH, HEADS, PATCH = 32, 2, 2, 8
@@ -72,9 +73,9 @@ def test_encoder_matches_torch(tr, hw):
                                  pos_embed='sincos')
   model = _encoder()
   images = _images(hw)
-  convert.check_compatible(params, jax.eval_shape(model.init, jax.random.key(0),
+  param_checks.check_compatible(params, jax.eval_shape(model.init, jax.random.key(0),
                                                   images))
-  convert.check_compatible(params, convert.abstract_params('encoder', report.config))
+  param_checks.check_compatible(params, param_checks.abstract_params('encoder', report.config))
   ours = model.apply({'params': params}, images)['tokens']
   np.testing.assert_allclose(ours, _torch_run(tm.forward_features, images),
                              atol=1e-4, rtol=1e-4)
@@ -88,8 +89,8 @@ def test_classifier_matches_torch(tr):
   assert report.ok and not report.unused and report.config['num_classes'] == 5
   assert set(params) == {'encoder', 'fc_norm', 'head'}
   assert 'norm' not in params['encoder']
-  convert.check_compatible(params,
-                           convert.abstract_params('classifier', report.config))
+  param_checks.check_compatible(params,
+                           param_checks.abstract_params('classifier', report.config))
 
   def trunk(module, images):  # embed + PE + [cls] + blocks, no final norm
     x, grid = module.embed_patches(images)
@@ -142,7 +143,7 @@ def test_linear_probe_matches_torch(tr):
   stats = {'head_norm': tree.pop('head_norm')}
   model = classifier.LinearProbe(_encoder(), 5)
   images = _images(HW)
-  convert.check_compatible({'params': tree, 'batch_stats': stats},
+  param_checks.check_compatible({'params': tree, 'batch_stats': stats},
                            jax.eval_shape(model.init, jax.random.key(0), images))
   ours = model.apply({'params': tree, 'batch_stats': stats}, images)
   theirs = _torch_run(lambda x: tm.head(tm.forward_features(x)[:, 0]), images)
@@ -162,15 +163,15 @@ def test_droppos_matches_torch(tr):
                                          projector_num_heads=2)
   assert report.ok and not report.unused
   assert report.config['projector'] == dict(width=16, depth=2, num_heads=2,
-                                            num_positions=24)
+                                            num_positions=24, head='transformer')
   rng = np.random.default_rng(1)
   ids_keep = np.stack([rng.permutation(24)[:12] for _ in range(2)])
   drop_mask = rng.random((2, 12)) < 0.75
   model = droppos.DropPos(_encoder(), droppos.Projector(16, 2, 2))
   images = _images(HW)
-  convert.check_compatible(params, jax.eval_shape(
+  param_checks.check_compatible(params, jax.eval_shape(
       model.init, jax.random.key(0), images, ids_keep, drop_mask))
-  convert.check_compatible(params, convert.abstract_params('droppos', report.config))
+  param_checks.check_compatible(params, param_checks.abstract_params('droppos', report.config))
   ours = model.apply({'params': params}, images, ids_keep, drop_mask,
                      train=False)['logits']
   np.testing.assert_allclose(ours, _torch_run(tm, images, ids_keep, drop_mask),
@@ -204,7 +205,7 @@ def test_learned_pos_embed_is_reported_and_dropped(tr):
 
 
 def test_exported_pos_embed_matches_mae_table(tr):
-  params = _random_like(convert.abstract_params(
+  params = _random_like(param_checks.abstract_params(
       'encoder', dict(width=WIDTH, depth=1, mlp_dim=64, patch_size=PATCH)))
   state = convert.flax_to_torch(params, kind='encoder', grid_hw=(4, 6))
   np.testing.assert_allclose(state['pos_embed'], tr.sincos_pos_embed(WIDTH, (4, 6)),
@@ -224,7 +225,7 @@ def _random_params(kind):
         classifier.LinearProbe(_encoder(), _CFG['num_classes']).init,
         jax.random.key(0), jnp.zeros((1, 32, 48, 3)))
     return _random_like(dict(shapes['params'], **shapes['batch_stats']))
-  return _random_like(convert.abstract_params(kind, _CFG))
+  return _random_like(param_checks.abstract_params(kind, _CFG))
 
 
 @pytest.mark.parametrize('kind', convert.KINDS)
@@ -240,7 +241,8 @@ def test_flax_torch_flax_round_trip_is_exact(kind):
   assert convert.flax_config(params, kind) == {
       k: v for k, v in report.config.items()
       if k not in ('num_heads', 'grid', 'pos_embed')} | (
-          {'projector': dict(width=16, depth=2, num_positions=24)}
+          {'projector': dict(width=16, depth=2, num_positions=24,
+                             head='transformer')}
           if kind == 'droppos' else {})
 
 
@@ -309,17 +311,17 @@ def test_wrong_model_size_is_named(droppos_state, size, expected):
   params, report = convert.torch_to_flax(droppos_state, kind='encoder')
   target = dict(report.config, **size)
   with pytest.raises(UserError, match=re.escape(expected)):
-    convert.check_compatible(params, convert.abstract_params('encoder', target))
+    param_checks.check_compatible(params, param_checks.abstract_params('encoder', target))
 
 
 def test_export_checks_layout_and_grid():
-  params = _random_like(convert.abstract_params('droppos', _CFG))
+  params = _random_like(param_checks.abstract_params('droppos', _CFG))
   with pytest.raises(UserError, match='predicts 24'):
     convert.flax_to_torch(params, kind='droppos', grid_hw=(5, 5))
   del params['projector']['norm']
   with pytest.raises(UserError, match='(?s)missing.*projector/norm/scale'):
     convert.flax_to_torch(params, kind='droppos', grid_hw=(4, 6))
-  enc = _random_like(convert.abstract_params('encoder', _CFG))
+  enc = _random_like(param_checks.abstract_params('encoder', _CFG))
   enc['extra'] = np.zeros(3, np.float32)
   with pytest.raises(UserError, match='(?s)unexpected.*extra'):
     convert.flax_to_torch(enc, kind='encoder', grid_hw=(4, 6))

@@ -78,7 +78,8 @@ def test_safetensors_header_names_kind_architecture_and_image_size(runs,
   assert json.loads(meta['image_hw']) == [32, 32]
   assert json.loads(meta['architecture']) == dict(
       width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=8, in_chans=3,
-      projector=dict(width=64, depth=1, num_heads=4, num_positions=16),
+      projector=dict(width=64, depth=1, num_heads=4, num_positions=16,
+                     head='transformer'),
       num_classes=None)
   assert meta['source'].endswith('droppos step 4') and meta['step'] == '4'
 

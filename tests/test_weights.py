@@ -19,6 +19,7 @@ from droppos_jax import checkpoint, classification, export, pictures
 from droppos_jax.errors import UserError
 from droppos_jax.evaluators import position_probe
 from droppos_jax.models import classifier, convert, droppos, vit, weights
+import param_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HW = (32, 32)          # mu/8: grid 4 x 4
@@ -289,7 +290,7 @@ def test_every_consumer_takes_every_source(sources, kind, fmt, consumer,
     shapes = jax.eval_shape(
         model.init, jax.random.key(0), jnp.zeros((1, *HW, 3)),
         jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))['params']
-    convert.check_compatible(w.params, shapes)
+    param_checks.check_compatible(w.params, shapes)
     # A run's own objective; files fall back to the paper's.
     assert objective['tau'] == (0.2 if fmt in ('workdir', 'step') else 0.1)
   else:

@@ -26,8 +26,6 @@ import math
 import re
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -141,6 +139,9 @@ def _leaves(kind: str, cfg: Mapping[str, Any]) -> list[_Leaf]:
     proj = cfg.get('projector') or {}
     pd, n = proj.get('width'), proj.get('num_positions')
     out.append(_Leaf('mask_pos_token', ('mask_pos_token',), 'copy', (1, 1, d)))
+  if kind == 'droppos' and proj.get('head') == 'linear':
+    out += _dense('decoder_pred', ('projector', 'pred'), d, n)
+  elif kind == 'droppos':
     out += _dense('decoder_embed', ('projector', 'embed'), d, pd)
     for i in range(proj.get('depth', 0)):
       out += _block(f'decoder_blocks.{i}', ('projector', f'blocks_{i}'), pd,
@@ -230,6 +231,15 @@ def _analyse_pos_embed(sd, width, grid_hw, dtypes):
   return grid, 'learned', cls_row, warnings
 
 
+def _linear_head(sd) -> bool:
+  """A DropPos file whose position head is one Linear (droppos.LinearHead):
+  `decoder_pred` and no other decoder tensor."""
+  return ('mask_pos_token' in sd and sd.get('decoder_pred.weight') is not None
+          and sd['decoder_pred.weight'].ndim == 2 and not any(
+              k.startswith('decoder_') and not k.startswith('decoder_pred.')
+              for k in sd))
+
+
 def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
            dtypes=None):
   """(config, cls_row, warnings, notes) for a cleaned state dict."""
@@ -258,7 +268,11 @@ def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
   for head in ('head.weight', 'head.1.weight'):
     if head in sd and sd[head].ndim == 2:
       cfg['num_classes'] = int(sd[head].shape[0])
-  if any(k.startswith('decoder_') for k in sd):
+  if _linear_head(sd):
+    pred = sd['decoder_pred.weight']
+    cfg['projector'] = dict(width=None, depth=0, num_heads=None,
+                            num_positions=int(pred.shape[0]), head='linear')
+  elif any(k.startswith('decoder_') for k in sd):
     pdepth = _block_ids(sd, 'decoder_blocks')
     emb = sd.get('decoder_embed.weight')
     pwidth = int(emb.shape[0]) if emb is not None and emb.ndim == 2 else (
@@ -268,7 +282,7 @@ def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
         int(pred.shape[0]) if pred is not None and pred.ndim == 2 else None)
     heads = projector_num_heads or _PROJECTOR_HEADS_BY_WIDTH.get(pwidth)
     cfg['projector'] = dict(width=pwidth, depth=pdepth, num_heads=heads,
-                            num_positions=n)
+                            num_positions=n, head='transformer')
     if heads is None:
       notes.append(f'projector num_heads unknown for width {pwidth}: pass '
                    'projector_num_heads to build the model.')
@@ -466,7 +480,8 @@ def _config_from_flax(flat, kind):
     pred = flat.get(('projector', 'pred', 'kernel'))
     cfg['projector'] = dict(
         width=None if emb is None else emb.shape[1], depth=pdepth,
-        num_positions=None if pred is None else pred.shape[1])
+        num_positions=None if pred is None else pred.shape[1],
+        head='transformer' if emb is not None else 'linear')
   if kind in ('classifier', 'linear_probe') and ('head', 'kernel') in flat:
     cfg['num_classes'] = flat[('head', 'kernel')].shape[1]
   return cfg
@@ -522,46 +537,3 @@ def compatibility_problems(params, reference_params) -> list[str]:
   problems += [f'{k}: checkpoint {list(got[k])} vs model {list(want[k])}'
                for k in sorted(set(got) & set(want)) if got[k] != want[k]]
   return problems
-
-
-def check_compatible(params, reference_params) -> None:
-  """Raises a UserError listing every `compatibility_problems`."""
-  problems = compatibility_problems(params, reference_params)
-  if problems:
-    raise UserError('Converted params do not fit the model ('
-                    f'{len(problems)} problems):\n  ' + '\n  '.join(problems))
-
-
-def abstract_params(kind: str, config: Mapping[str, Any]):
-  """Shape tree of our `kind` model for `config` (format of infer_vit_config).
-
-  num_heads does not change shapes, so an unknown one is replaced by 1. The
-  'classifier' tree is the fine-tuning layout: encoder without the final
-  `norm`, plus `fc_norm` and `head`.
-  """
-  if kind not in KINDS:
-    raise ValueError(f'Unknown kind {kind!r}; choose from {KINDS}.')
-  c = config
-  encoder = vit.VisionTransformer(c['width'], c['depth'], c['mlp_dim'],
-                                  c.get('num_heads') or 1, c['patch_size'])
-  p = c['patch_size']
-  images = jax.ShapeDtypeStruct((1, p, p, c.get('in_chans', 3)), jnp.float32)
-  rng = jax.random.key(0)
-  if kind == 'encoder':
-    return jax.eval_shape(encoder.init, rng, images)['params']
-  if kind == 'classifier':
-    enc = jax.eval_shape(encoder.clone(final_norm=False).init, rng, images)
-    d, k = c['width'], c['num_classes']
-    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    return {'encoder': enc['params'], 'fc_norm': {'scale': s(d), 'bias': s(d)},
-            'head': {'kernel': s(d, k), 'bias': s(k)}}
-  proj = c['projector']
-  n = proj['num_positions']
-  grid = c.get('grid') or (1, n)
-  images = jax.ShapeDtypeStruct((1, grid[0] * p, grid[1] * p, c.get('in_chans', 3)),
-                                jnp.float32)
-  model = droppos_lib.DropPos(encoder, droppos_lib.Projector(
-      proj['width'], proj['depth'], proj.get('num_heads') or 1))
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  mask = jax.ShapeDtypeStruct((1, 1), jnp.bool_)
-  return jax.eval_shape(model.init, rng, images, ids, mask)['params']

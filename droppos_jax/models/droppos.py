@@ -25,7 +25,8 @@ PROJECTORS = {
 
 
 class Projector(nn.Module):
-  """Linear D->width, transformer blocks without PE, LayerNorm, Linear->N.
+  """The paper's position head ('transformer'): Linear D->width, transformer
+  blocks without PE, LayerNorm, Linear->N.
 
   Applied to [cls] + K tokens; only the K patch tokens' logits are read, so
   the last block keeps their rows alone (cls stays a key and value).
@@ -51,6 +52,68 @@ class Projector(nn.Module):
     return nn.Dense(num_positions, dtype=self.dtype, kernel_init=vit.dense_init,
                     name='pred')(x)
 
+  def flops(self, num_visible: int, width_in: int, num_positions: int) -> int:
+    """Matmul FLOPs of the forward pass for one example (the planner's)."""
+    k, w = num_visible, self.width
+    out = 2 * (1 + k) * width_in * w + 2 * k * w * num_positions
+    return out + sum(vit.block_flops(1 + k, k if i == self.depth - 1 else 1 + k,
+                                     w, 4 * w) for i in range(self.depth))
+
+
+class LinearHead(nn.Module):
+  """A linear position head ('linear'): each visible token's encoder feature
+  (after the final LayerNorm) straight to its N position logits, as the
+  paper's position probe (§4.3) reads positions, but trained end to end."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, num_positions: int):
+    return nn.Dense(num_positions, dtype=self.dtype, kernel_init=vit.dense_init,
+                    name='pred')(x[:, 1:])
+
+  def flops(self, num_visible: int, width_in: int, num_positions: int) -> int:
+    return 2 * num_visible * width_in * num_positions
+
+
+def transformer_head(size: str = 'default', *, dtype: Any = jnp.float32,
+                     attention: str = 'auto', width: Optional[int] = None,
+                     depth: Optional[int] = None,
+                     num_heads: Optional[int] = None) -> Projector:
+  """The paper's head, sized by `size` (a PROJECTORS name); width, depth and
+  num_heads, where given, replace the table's."""
+  if size not in PROJECTORS:
+    raise UserError(f'Unknown projector {size!r}; choose from '
+                    f'{sorted(PROJECTORS)} (and override width/depth/num_heads).')
+  sizes = dict(zip(('width', 'depth', 'num_heads'), PROJECTORS[size]))
+  sizes.update({k: v for k, v in dict(width=width, depth=depth,
+                                      num_heads=num_heads).items()
+                if v is not None})
+  if sizes['width'] % sizes['num_heads']:
+    raise UserError(f'Projector width {sizes["width"]} is not divisible by '
+                    f'{sizes["num_heads"]} heads.')
+  return Projector(dtype=dtype, attention=attention, **sizes)
+
+
+def linear_head(size: str = 'default', *, dtype: Any = jnp.float32,
+                attention: str = 'auto', **sizes: Optional[int]) -> LinearHead:
+  """The linear head has no sizes: the projector's table does not apply."""
+  del size, attention
+  given = sorted(k for k, v in sizes.items() if v is not None)
+  if given:
+    raise UserError(f'model.head=\'linear\' has no {", ".join(given)}: unset '
+                    'the projector_* fields or use model.head=\'transformer\'.')
+  return LinearHead(dtype=dtype)
+
+
+# name -> builder(size, *, dtype, attention, width, depth, num_heads) of the
+# position head on the encoder's [cls] + K visible tokens -> [B, K, N] logits.
+# A head module has `flops(num_visible, width_in, num_positions)`; its
+# parameters live under `projector`, exported as the authors' `decoder_*`.
+POSITION_HEADS = {
+    'transformer': transformer_head,
+    'linear': linear_head,
+}
+
 
 class DropPos(nn.Module):
   """Encoder + learned position mask token + position-classification projector.
@@ -65,7 +128,7 @@ class DropPos(nn.Module):
   `attentive_dtype` is that pass's compute dtype (None: the encoder's).
   """
   encoder: vit.VisionTransformer
-  projector: Projector = dataclasses.field(default_factory=Projector)
+  projector: nn.Module = dataclasses.field(default_factory=Projector)
   attentive_dtype: Any = None
 
   def setup(self):
@@ -138,11 +201,13 @@ def attentive_dtype(name: str, model_dtype: Any,
 
 def droppos_from_model_config(m: Any, platform: Optional[str] = None) -> DropPos:
   """From a config's `model` block, or the copy a checkpoint's meta keeps
-  (older copies lack attentive_dtype and attention: 'auto'). `platform`
-  resolves the 'auto' attentive dtype (default: jax.default_backend())."""
+  (older copies lack head, attentive_dtype and attention: their defaults).
+  `platform` resolves the 'auto' attentive dtype (default:
+  jax.default_backend())."""
   dtype = vit.compute_dtype(m['dtype'])
   return droppos_from_config(
-      m['variant'], m['projector'], dtype=dtype, remat=m['remat'],
+      m['variant'], m['projector'], head=m.get('head', 'transformer'),
+      dtype=dtype, remat=m['remat'],
       attentive_dtype=attentive_dtype(m.get('attentive_dtype', 'auto'), dtype,
                                       platform),
       attention=m.get('attention', 'auto'), width=m['projector_width'],
@@ -150,29 +215,22 @@ def droppos_from_model_config(m: Any, platform: Optional[str] = None) -> DropPos
 
 
 def droppos_from_config(variant: str, projector: str = 'default', *,
-                        dtype: Any = jnp.float32, remat: bool = False,
-                        attentive_dtype: Any = None, attention: str = 'auto',
+                        head: str = 'transformer', dtype: Any = jnp.float32,
+                        remat: bool = False, attentive_dtype: Any = None,
+                        attention: str = 'auto',
                         **projector_overrides: Any) -> DropPos:
-  """DropPos by names: `variant` like 'B/16', `projector` from PROJECTORS.
-
-  `projector_overrides` (width/depth/num_heads) replace table entries;
-  `attention` is vit.attention_implementation's setting.
-  """
-  if projector not in PROJECTORS:
-    raise UserError(f'Unknown projector {projector!r}; choose from '
-                     f'{sorted(PROJECTORS)} (and override width/depth/num_heads).')
-  proj = dict(zip(('width', 'depth', 'num_heads'), PROJECTORS[projector]))
-  unknown = set(projector_overrides) - set(proj)
-  if unknown:
-    raise UserError(f'Unknown projector settings {sorted(unknown)}; valid: '
-                     f'{sorted(proj)}.')
-  proj.update({k: v for k, v in projector_overrides.items() if v is not None})
-  if proj['width'] % proj['num_heads']:
-    raise UserError(f'Projector width {proj["width"]} is not divisible by '
-                     f'{proj["num_heads"]} heads.')
+  """DropPos by names: `variant` like 'B/16', `head` from POSITION_HEADS
+  sized by `projector` (a PROJECTORS name) and `projector_overrides`
+  (width/depth/num_heads); `attention` is vit.attention_implementation's
+  setting."""
+  if head not in POSITION_HEADS:
+    raise UserError(f'model.head={head!r}; registered: '
+                    f'{", ".join(POSITION_HEADS)}.')
   vit.attention_implementation(attention, dtype)  # validates the name
+  position_head = POSITION_HEADS[head](projector, dtype=dtype,
+                                       attention=attention,
+                                       **projector_overrides)
   encoder = vit.vit_from_variant(variant, dtype=dtype, remat=remat,
                                  attention=attention)
-  return DropPos(encoder=encoder,
-                 projector=Projector(dtype=dtype, attention=attention, **proj),
+  return DropPos(encoder=encoder, projector=position_head,
                  attentive_dtype=attentive_dtype)

@@ -302,6 +302,17 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
+def block_flops(tokens_in: int, tokens_out: int, width: int,
+                mlp_dim: int) -> int:
+  """Matmul FLOPs of one Block's forward pass for one example: keys and
+  values of `tokens_in`, queries, attention output, projection and MLP of
+  `tokens_out` (the Block with `rows`)."""
+  kv = 2 * tokens_in * width * 2 * width
+  attention = 2 * 2 * tokens_out * tokens_in * width  # scores and values
+  rest = 2 * tokens_out * (2 * width * width + 2 * width * mlp_dim)  # q, proj
+  return kv + attention + rest
+
+
 class Block(nn.Module):
   """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)).
 

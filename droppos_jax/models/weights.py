@@ -55,10 +55,13 @@ PRODUCER = 'droppos_jax'
 
 @dataclasses.dataclass(frozen=True)
 class ProjectorSize:
-  width: int
+  """The position head: its droppos.POSITION_HEADS name and sizes (None
+  where the head has none)."""
+  width: Optional[int]
   depth: int
   num_heads: Optional[int]
   num_positions: int
+  head: str = 'transformer'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,12 +177,15 @@ class Weights:
     if self.kind != 'droppos' or p is None:
       raise UserError(f'{self.source} is a {KIND_NAMES[self.kind]}: it has no '
                       'DropPos projector.')
-    if p.num_heads is None:
+    if p.width is not None and p.num_heads is None:
       raise UserError(f'{self.source}: projector width {p.width} is not in '
                       'droppos.PROJECTORS, so its number of heads is unknown.')
+    # A head without a width (the linear one) has no sizes.
+    sizes = {} if p.width is None else dict(width=p.width, depth=p.depth,
+                                            num_heads=p.num_heads)
     return droppos_lib.DropPos(
-        self.vit(**kwargs), droppos_lib.Projector(
-            p.width, p.depth, p.num_heads, dtype=kwargs.get('dtype', jnp.float32)))
+        self.vit(**kwargs), droppos_lib.POSITION_HEADS[p.head](
+            dtype=kwargs.get('dtype', jnp.float32), **sizes))
 
 
 def read(path: str | epath.Path, *, what: str = 'weights',
@@ -276,8 +282,9 @@ def _from_step(step_dir: epath.Path, num_heads) -> Weights:
     model = droppos_lib.droppos_from_model_config(
         dict(meta['model'], dtype='float32', remat=False))
     p = cfg['projector']
-    projector = ProjectorSize(p['width'], p['depth'], model.projector.num_heads,
-                              p['num_positions'])
+    projector = ProjectorSize(
+        p['width'], p['depth'], getattr(model.projector, 'num_heads', None),
+        p['num_positions'], meta['model'].get('head', 'transformer'))
   arch = Architecture(
       cfg['width'], cfg['depth'], cfg['mlp_dim'], num_heads or variant.num_heads,
       cfg['patch_size'], cfg['in_chans'], projector, cfg.get('num_classes'))
