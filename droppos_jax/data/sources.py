@@ -27,7 +27,6 @@ import numpy as np
 from droppos_jax.data import demo
 from droppos_jax.errors import UserError
 
-SOURCES = ('demo', 'folder', 'tfds')
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.webp')
 RANDOM_ACCESS_NOTE = ('random access: a fresh global permutation every epoch, '
                       'the same batches on any host count, resume at once')
@@ -93,16 +92,13 @@ class Source:
 
 
 def open_source(cfg) -> Source:
-  """Opens the source a data config names; raises UserError naming a bad field."""
+  """Opens the source a data config names (`cfg.source`, a SOURCES name);
+  raises UserError naming a bad field."""
   source = cfg.get('source')
-  if source == 'demo':
-    return _open_demo(cfg)
-  if source == 'folder':
-    return _open_folder(cfg.get('path'))
-  if source == 'tfds':
-    return _open_tfds(cfg)
-  raise UserError(f'Unknown data source {source!r}; valid sources are '
-                  f'{list(SOURCES)}.')
+  if source not in SOURCES:
+    raise UserError(f'Unknown data source {source!r}; valid sources are '
+                    f'{list(SOURCES)}.')
+  return SOURCES[source](cfg)
 
 
 # ------------------------------------------------------------------ demo ---
@@ -141,9 +137,10 @@ def _images_under(directory: epath.Path) -> list[str]:
   return sorted(found)
 
 
-def _open_folder(path: str | None) -> Source:
+def _open_folder(cfg) -> Source:
   """A class-per-subfolder folder (labels: sorted subfolder index) or a flat
   folder of images (label 0)."""
+  path = cfg.get('path')
   if not path:
     raise UserError("data.path must name an image folder for source 'folder'.")
   root = epath.Path(path)
@@ -239,3 +236,12 @@ def _open_tfds(cfg) -> Source:
   return Source(note=TFRECORD_NOTE.format(cycle=TFRECORD_CYCLE,
                                           window=TFRECORD_WINDOW),
                 files=files, **common)
+
+
+# name -> opener(data config) -> Source: a new source is one function here
+# (or in its own module) plus its name.
+SOURCES = {
+    'demo': _open_demo,
+    'folder': _open_folder,
+    'tfds': _open_tfds,
+}
