@@ -1,6 +1,8 @@
 """Components chosen by name in the config: the second masking strategy and
 the second position head run through every command, from the command line."""
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from droppos_jax import masking, train
+from droppos_jax.configs import demo as demo_config
 from droppos_jax.models import convert, droppos, weights
 import param_checks
 
@@ -69,3 +73,30 @@ def test_demo_with_block_masking_and_linear_head_from_the_command_line(
     w = weights.read(str(path))
     assert (w.kind, w.arch.projector.head) == ('droppos', 'linear')
     assert isinstance(w.droppos().projector, droppos.LinearHead)
+
+
+def readme_example() -> str:
+  """The ```python block of the README's 'Adding a component' section."""
+  text = (pathlib.Path(REPO) / 'README.md').read_text()
+  section = text.split('## Adding a component', 1)[1].split('\n## ', 1)[0]
+  return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_the_readme_component_example_registers_and_trains(tmp_path,
+                                                           monkeypatch):
+  monkeypatch.setattr(masking, 'MASKINGS', dict(masking.MASKINGS))
+  exec(readme_example(), {})  # pylint: disable=exec-used
+  assert 'outer' in masking.MASKINGS
+  spec = masking.Masking('outer', 0.75, 0.5)
+  ids, drop = map(np.asarray, spec.sample(jax.random.key(0), 8, (4, 4)))
+  # The 4 visible patches of a 4x4 grid farthest from its centre: the corners.
+  assert all(sorted(row) == [0, 3, 12, 15] for row in ids.tolist())
+  assert len({tuple(r) for r in ids.tolist()}) > 1  # in a random order
+  assert (drop.sum(1) == 2).all()
+  config = demo_config.get_config()
+  config.masking.strategy, config.masking.mask_ratio = 'outer', 0.75
+  config.num_train_steps, config.warmup_epochs, config.log_every = 3, 0, 1
+  config.eval.enabled = False
+  out = train.train(config, str(tmp_path))
+  assert out['complete'] and all(np.isfinite(list(out['losses'].values())))
