@@ -92,13 +92,9 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   abstract = jax.eval_shape(init_state)
   state_sh = sharding.state_shardings(abstract, mesh)
   batch_sh = sharding.batch_sharding(mesh)
-  objective_step = pretrain.make_train_step(
+  step_fn = pretrain.make_train_step(
       model, tx, objective, lr_fn=lr_fn, seed=config.seed,
       accum_steps=config.grad_accum_steps)
-
-  def step_fn(state, images):
-    state, metrics = objective_step(state, images)
-    return state, dict(metrics, data_fingerprint=fingerprint(images))
 
   return Setup(
       model=model, objective=objective, augment=augment, mesh=mesh,
@@ -110,17 +106,6 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
                                       sharding=batch_sh),
       train_step=jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                          out_shardings=(state_sh, None), donate_argnums=(0,)))
-
-
-def fingerprint(images):
-  """An exact uint32 digest of a global batch: its pixels' bits, each row
-  weighted differently, summed modulo 2**32 (so the reduction order -- the
-  mesh, the host count -- cannot change it). Logged as `data_fingerprint`:
-  equal digests mean the same examples, order and augmentation."""
-  bits = jax.lax.bitcast_convert_type(images.astype(jnp.float32), jnp.uint32)
-  rows = 2 * jnp.arange(images.shape[0], dtype=jnp.uint32) + 1
-  return (bits * rows.reshape((-1,) + (1,) * (images.ndim - 1))).sum(
-      dtype=jnp.uint32)
 
 
 def compiled_cost(compiled) -> dict:

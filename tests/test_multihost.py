@@ -27,6 +27,7 @@ TIMEOUT = 300
 # relative gradient difference of ~1e-7 moves parameters by ~lr * 1e-7 per
 # step; over a few steps that stays far below 1e-5.
 PARAM_ATOL = 1e-5
+FINGERPRINTED_TRAIN = os.path.join(REPO, 'tests', 'fingerprinted_train.py')
 
 
 def free_port() -> int:
@@ -41,7 +42,8 @@ def start(workdir, *, processes, devices, steps=8, extra=(), env=None,
   port = free_port()
   procs = []
   for i in range(processes):
-    args = [sys.executable, 'train.py', '--config', 'configs/pretrain.py:runlocal',
+    args = [sys.executable, FINGERPRINTED_TRAIN, '--config',
+            'configs/pretrain.py:runlocal',
             f'--workdir={workdir}', f'--config.num_train_steps={steps}',
             '--config.ckpt_every=4', '--config.log_every=1',
             '--config.batch_size=16', *extra]
@@ -50,6 +52,7 @@ def start(workdir, *, processes, devices, steps=8, extra=(), env=None,
                f'--num_processes={processes}', f'--process_id={i}']
     proc_env = dict(os.environ, XLA_FLAGS=(
         f'--xla_force_host_platform_device_count={devices}'),
+                    DROPPOS_FINGERPRINTS=workdir + '.batches',
                     **(env(i, port) if env else {}))
     log = open(os.path.join(workdir + f'.{log_prefix}{i}.log'), 'w')
     procs.append((subprocess.Popen(args, cwd=REPO, env=proc_env, stdout=log,
@@ -104,13 +107,27 @@ def wait_for_step(workdir, step, timeout=TIMEOUT):
   raise TimeoutError(f'step {step} never logged in {workdir}')
 
 
+def batch_digests(workdir):
+  """{step: [digest of each global row]} of a run started by `start`, from
+  every process's records (tests/fingerprinted_train.py; the last record of
+  a step wins after a resume)."""
+  rows = {}
+  for path in workdir.parent.glob(workdir.name + '.batches.*.jsonl'):
+    for record in map(json.loads, path.read_text().splitlines()):
+      rows.setdefault(record['step'], {}).update(record['rows'])
+  return {step: [r[str(i)] for i in range(len(r))]
+          for step, r in rows.items()}
+
+
 def assert_same_run_as(workdir, one_by_eight):
-  """Each step logged once, the exact digest of each global batch (same
-  examples, order, crops) and the final parameters of the 1x8 run."""
+  """Each step logged once, the exact digest of each global batch's rows
+  (same examples, order, crops) and the final parameters of the 1x8 run."""
   one, this = metrics(one_by_eight), metrics(workdir)
   assert sorted(this) == sorted(one) == list(range(1, 9))
-  assert [this[s]['data_fingerprint'] for s in sorted(this)] == [
-      one[s]['data_fingerprint'] for s in sorted(one)]
+  batches = batch_digests(workdir)
+  expected = batch_digests(one_by_eight)
+  assert [batches[s] for s in sorted(this)] == [expected[s] for s in sorted(one)]
+  assert all(len(expected[s]) == 16 for s in sorted(one))
   diff = max_param_diff(final_params(workdir), final_params(one_by_eight))
   assert diff < PARAM_ATOL, diff
 
