@@ -3,14 +3,16 @@
 Most images are solid colours whose red channel encodes an id, so an
 augmented crop still tells which record it came from.
 """
+import io
 import os
 
+from etils import epath
 import ml_collections
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from droppos_jax.data import device
+from droppos_jax.data import demo, device
 
 
 def colour(i, label):
@@ -88,3 +90,19 @@ def prepare_tfds(data_dir, file_format, num_shards=4, num_train=24):
 def tfds_cfg(data_dir, split='train', name='tiny_colours'):
   return ml_collections.ConfigDict(
       {'source': 'tfds', 'name': name, 'data_dir': data_dir, 'split': split})
+
+
+def write_image_folder(directory: str, **kwargs) -> str:
+  """Writes `demo.load_demo_images(**kwargs)` as <directory>/<class>/<i>.png.
+
+  The folder source reads it back with the same labels, which makes it an
+  offline stand-in for an ImageNet-style folder.
+  """
+  images, labels, names = demo.load_demo_images(**kwargs)
+  for i, (image, label) in enumerate(zip(images, labels)):
+    class_dir = epath.Path(directory) / names[label]
+    class_dir.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format='PNG')
+    (class_dir / f'{i:05d}.png').write_bytes(png.getvalue())
+  return directory

@@ -9,6 +9,7 @@ from PIL import Image
 import pytest
 
 from droppos_jax.data import demo as demo_data
+import data_fixtures
 
 
 def test_shapes_labels_and_determinism():
@@ -70,7 +71,7 @@ def test_bad_arguments():
 
 
 def test_write_image_folder_round_trips(tmp_path):
-  demo_data.write_image_folder(str(tmp_path), num_images=20, crop_size=16)
+  data_fixtures.write_image_folder(str(tmp_path), num_images=20, crop_size=16)
   images, labels, names = demo_data.load_demo_images(20, crop_size=16)
   assert sorted(os.listdir(tmp_path)) == names
   for i in (0, 7, 19):

@@ -12,8 +12,9 @@ import pytest
 
 from droppos_jax import train
 from droppos_jax.configs import pretrain as pretrain_config
-from droppos_jax.data import demo, device
+from droppos_jax.data import device
 from droppos_jax.errors import UserError
+import data_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def image_dir(tmp_path_factory):
   """64 real-photo PNGs in class folders, read through tf.data."""
-  return demo.write_image_folder(
+  return data_fixtures.write_image_folder(
       str(tmp_path_factory.mktemp('images')), num_images=64, crop_size=48)
 
 

@@ -22,8 +22,8 @@ from PIL import Image
 from droppos_jax.errors import UserError
 
 PHOTO_DIR = epath.Path(__file__).parent / 'demo_photos'
-# Sorted, so that a class's index is also its rank among the folder names
-# `write_image_folder` creates (the folder source labels classes that way).
+# Sorted, so that a class's index is also its rank among class folder
+# names (the folder source labels classes that way).
 CLASS_NAMES = (
     'astronaut', 'brick', 'camera', 'chelsea', 'coffee', 'retina', 'rocket')
 DEFAULT_NUM_IMAGES = {'train': 512, 'val': 128}
@@ -94,19 +94,3 @@ def load_demo_images(num_images: int | None = None, crop_size: int = 96,
     images[i] = np.asarray(crop.resize((crop_size, crop_size),
                                        Image.Resampling.BICUBIC))
   return images, labels, list(CLASS_NAMES)
-
-
-def write_image_folder(directory: str, **kwargs) -> str:
-  """Writes `load_demo_images(**kwargs)` as <directory>/<class>/<i>.png.
-
-  The folder source reads it back with the same labels, which makes it an
-  offline stand-in for an ImageNet-style folder.
-  """
-  images, labels, names = load_demo_images(**kwargs)
-  for i, (image, label) in enumerate(zip(images, labels)):
-    class_dir = epath.Path(directory) / names[label]
-    class_dir.mkdir(parents=True, exist_ok=True)
-    png = io.BytesIO()
-    Image.fromarray(image).save(png, format='PNG')
-    (class_dir / f'{i:05d}.png').write_bytes(png.getvalue())
-  return directory

@@ -88,13 +88,6 @@ class Architecture:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'Architecture':
-    d = dict(d)
-    if d.get('projector'):
-      d['projector'] = ProjectorSize(**d['projector'])
-    return cls(**d)
-
 
 @dataclasses.dataclass(frozen=True)
 class Weights:
