@@ -124,7 +124,7 @@ def start(run):
     ('pretrain', 'num_train_steps', 8),
     ('pretrain', 'epochs', 400),
     ('pretrain', 'warmup_epochs', 1),
-    ('pretrain', 'objective.mask_ratio', 0.5),
+    ('pretrain', 'masking.mask_ratio', 0.5),
     ('pretrain', 'optim.blr', 1e-3),
     ('finetune', 'init.path', '/runs/another_pretraining'),
 ])
