@@ -22,9 +22,12 @@ Exit statuses:
   0    done (or the run was already complete)
   1    a mistake in the input, printed as one line `error: ...`
   75   stopped by a preemption notice (SIGTERM, or the pod's own) after every
-       host saved the same step: requeue and rerun the same command to resume
+       host saved the same step (a notice during restore or compilation:
+       after the first step), or at once if it came before the run started
+       (nothing to save): requeue and rerun the same command to resume
        (EX_TEMPFAIL; e.g. SLURM `--requeue`, or a retry loop on status 75)
-  130  stopped by Ctrl-C (SIGINT) after saving; rerun to resume
+  130  stopped by Ctrl-C (SIGINT) after saving, or before training started;
+       rerun to resume
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ import importlib.util
 import logging as std_logging
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 from absl import app, flags, logging
@@ -323,6 +328,25 @@ def _exit_on_flag_error(parse: Callable[[], Any],
     sys.exit(f'error: {str(e).strip().splitlines()[0]} (see --help).')
 
 
+# ------------------------------------------------------------ preemption ---
+
+def stop_before_training() -> None:
+  """Ends the program with status 75 for a preemption notice that came
+  before the run started: nothing was trained, so there is nothing to save."""
+  print('stopped: preemption notice (SIGTERM) before the first step; nothing '
+        'to save: rerun the same command.', file=sys.stderr, flush=True)
+  sys.exit(EXIT_PREEMPTED)
+
+
+def exit_on_preemption_notice() -> None:
+  """SIGTERM ends the program with status 75 (not killed by the signal, which
+  a requeue on status 75 would miss) until a run takes it over: the run
+  policy saves first, and hands it back when the run ends. `run` calls this
+  first; an entry point may call it before its imports."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_before_training())
+
+
 def _exit_on_user_error(what: Callable[[], Any]) -> Any:
   try:
     return what()
@@ -344,8 +368,10 @@ def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
   with the configs that fit).
 
   A UserError anywhere becomes `error: <message>` and exit status 1; a run
-  that returns {'stopped': 'preempted'|'interrupted'} exits with 75 or 130.
+  that returns {'stopped': 'preempted'|'interrupted'} exits with 75 or 130,
+  as does SIGTERM or Ctrl-C at any moment before a run takes them over.
   """
+  exit_on_preemption_notice()  # before the flags, jax.distributed, the data
   # A default config is parsed, overrides included, when it is defined.
   names = _exit_on_flag_error(lambda: _define_flags(
       output, output_help, default_config, extra_flags), default_config)

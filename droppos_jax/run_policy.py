@@ -30,7 +30,10 @@
 - Preemption: on several hosts, SIGTERM (or SIGINT) on any host reaches every
   host through JAX's preemption sync point, so all save the same step and
   stop with status 'preempted'. On one process SIGTERM stops as 'preempted'
-  and Ctrl-C as 'interrupted', after saving. A second Ctrl-C quits at once.
+  and Ctrl-C as 'interrupted', after saving (a notice during restore or
+  compilation: after the first step). Before the run (start-up) and after
+  it, SIGTERM exits 75 at once (launch.exit_on_preemption_notice). A second
+  Ctrl-C quits at once.
 - The metric logs (*_metrics.jsonl) keep each step once after a resume (or
   a fresh start after a try that saved no checkpoint).
 """
@@ -195,9 +198,11 @@ class _WorkdirLock:
 class _StopSignals:
   """SIGTERM / SIGINT while the run is on.
 
-  One process: a flag the loop reads after each step. Several processes:
-  JAX's preemption notifier owns SIGTERM (it reaches every host at the
-  same step), and Ctrl-C is turned into a SIGTERM for it.
+  One process: a flag the loop reads after each step (not an exit from
+  restore or compilation: a process ended while tf.data's threads start
+  can crash at exit). Several processes: JAX's preemption notifier owns
+  SIGTERM (it reaches every host at the same step), and Ctrl-C is turned
+  into a SIGTERM for it.
   """
 
   def __init__(self):
@@ -341,9 +346,27 @@ class Run:
       self._lock.acquire()
       self._stack.callback(self._lock.release)
       saved_file.write_text(json.dumps(new, indent=2))
+      self._set_aside_unfinished()
     except OSError as e:
       raise UserError(f'Cannot write to --workdir {wd}: {_first_line(e)}') from None
     logging.info('Config:\n%s', self.config)
+
+  def _set_aside_unfinished(self) -> None:
+    """Renames step folders whose save never finished (no commit marker: a
+    copy cut short, a save killed on a bucket) to <step>.unfinished, with a
+    warning: never read, and this run saves that step again."""
+    folder = self.workdir / CHECKPOINTS
+    unfinished = checkpoint.unfinished_steps(folder)
+    if not unfinished:
+      return
+    for step in unfinished:
+      target = folder / f'{step}.unfinished'
+      if target.exists():
+        target = folder / f'{step}.unfinished.{int(time.time())}'
+      (folder / str(step)).rename(target)
+    logging.warning('Ignoring step folder(s) %s in %s: their save never '
+                    'finished (renamed to <step>.unfinished).',
+                    ', '.join(map(str, unfinished)), folder)
 
   # ---------------------------------------------------------------- restore
   def restore_or_init(self, init_fn: Callable[[], Any], abstract_state: Any
