@@ -11,8 +11,12 @@ for the rows its devices hold (a resumed run writes its steps again).
 import hashlib
 import json
 import os
+import sys
 
-import jax
+# This checkout's package, whatever an editable install points at.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
 from droppos_jax import train

@@ -11,6 +11,7 @@ import pytest
 from droppos_jax.configs import finetune as finetune_config
 from droppos_jax import classification as finetune
 from droppos_jax.models import classifier, convert, vit
+import param_checks
 
 HW = (16, 24)  # non-square: grid 2 x 3 with patch 8
 
@@ -36,10 +37,10 @@ def test_classifier_tree_is_the_converted_finetune_layout():
   assert set(params) == {'encoder', 'fc_norm', 'head'}
   assert 'norm' not in params['encoder']
   size = vit.decode_variant('mu/8')
-  want = convert.abstract_params('classifier', dict(
+  want = param_checks.abstract_params('classifier', dict(
       width=size.width, depth=size.depth, mlp_dim=size.mlp_dim,
       patch_size=size.patch_size, num_classes=5))
-  convert.check_compatible(params, want)
+  param_checks.check_compatible(params, want)
   assert float(jnp.std(params['head']['kernel'])) < 1e-4   # std 2e-5 init
   logits = jax.jit(model.apply)({'params': params}, _images())
   assert logits.shape == (4, 5) and logits.dtype == jnp.float32
