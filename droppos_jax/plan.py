@@ -16,7 +16,8 @@ libtpu==0.0.42.1`, no TPU needed) builds the program for the topology's
 devices from abstract inputs, so a step that would not fit fails here as it
 would on the pod. Times are FLOP-bound estimates: compiled FLOPs per chip /
 (MFU x the chip's peak bf16 FLOP/s), MFU as the trainer logs it. The
-analytic count beside the compiled one is model_flops_per_example's.
+analytic count beside the compiled one is the trainer's
+(`training_loop.Setup.flops_per_example`).
 libtpu's warnings about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES are
 harmless here.
 """
@@ -35,12 +36,13 @@ import jax
 from jax.experimental import topologies
 import ml_collections
 
-from droppos_jax import hardware, launch, sharding, train
+from droppos_jax import compiled as compiled_lib
+from droppos_jax import finetune, hardware, launch, sharding, train
 from droppos_jax.data import device
 from droppos_jax.errors import UserError
-from droppos_jax.models import vit
 
 IMAGENET_TRAIN_EXAMPLES = 1281167
+IMAGENET_CLASSES = 1000
 LIBTPU_PIN = 'libtpu==0.0.42.1'  # the version jax 0.10.2's [tpu] extra pins
 
 # generation -> (rank of its chip grid, get_topology_desc options). v4 is
@@ -107,33 +109,12 @@ def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
                     f'valid: {_valid_topologies()}.') from None
 
 
-# --------------------------------------------------------- model FLOPs ---
-
-def model_flops_per_example(setup: train.Setup) -> int:
-  """Analytic matmul FLOPs of one example's train step (no remat recompute):
-  3x the forward of the masked pass and position head (forward, backward as two
-  matmuls per matmul), 1x the forward-only attentive pass, the patch
-  embedding forward (all patches when shared with the attentive pass) and
-  its weight gradient from the visible patches."""
-  enc, obj = setup.model.encoder, setup.objective
-  n = obj.num_patches
-  k = obj.masking.counts(obj.grid)[0]  # visible patches
-  d, pixels = enc.width, enc.patch_size**2 * 3
-  masked = enc.depth * vit.block_flops(1 + k, 1 + k, d, enc.mlp_dim)
-  head = setup.model.projector.flops(k, d, n)
-  embed = 2 * (n if obj.attentive else k) * pixels * d + 2 * k * pixels * d
-  attentive = 0
-  if obj.attentive and enc.depth:
-    attentive = ((enc.depth - 1) * vit.block_flops(1 + n, 1 + n, d, enc.mlp_dim)
-                 + vit.block_flops(1 + n, 1 + k, d, enc.mlp_dim))
-  return 3 * (masked + head) + attentive + embed
-
-
 # ------------------------------------------------------------------ plan ---
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What the planner found; sizes in bytes, FLOPs and times per chip."""
+  description: str                # the trainer and model, e.g. 'DropPos B/16'
   topology: str
   num_slices: int
   num_chips: int
@@ -151,7 +132,7 @@ class Plan:
   state_bytes: int                # parameters + optimizer state, per chip
   param_bytes: int                # all parameters (unsharded)
   flops_per_chip: Optional[float]  # compiled; None if it did not compile
-  model_flops_per_chip: float     # analytic (model_flops_per_example)
+  model_flops_per_chip: float     # analytic (Setup.flops_per_example)
   mfu: float
   suggestions: tuple[str, ...]
   # device_resize_window > 0: device.resize_windows per chip per step,
@@ -188,7 +169,7 @@ def resize_cost(window: int, size: int, batch_size: int,
                      out_shardings=batch_sh).lower(
                          windows, spec((batch_size, 2), jax.numpy.int32),
                          spec((batch_size,), jax.numpy.bool_), size).compile()
-  cost = train.compiled_cost(compiled)
+  cost = compiled_lib.cost(compiled)
   return (float(cost['flops']), float(cost.get('bytes accessed', 0.)),
           windows.size // mesh.size)
 
@@ -246,11 +227,12 @@ def _suggestions(config, mesh_shape: dict[str, int], num_slices: int,
   activations = needed - with_grads - batch  # what scales with the batch
   if activations <= 0:
     return tuple(out)
-  per_step = config.batch_size // config.grad_accum_steps
+  grad_accum = config.get('grad_accum_steps')  # pre-training's only
+  per_step = config.batch_size // (grad_accum or 1)
   splits = lambda a: per_step % a == 0 and (per_step // a) % chips == 0
   accum = 1
-  while ((accum == 1 or needed - activations * (1 - 1 / accum) > hbm) and
-         splits(2 * accum)):
+  while (grad_accum and (accum == 1 or needed - activations * (1 - 1 / accum)
+                         > hbm) and splits(2 * accum)):
     accum *= 2
   if accum > 1:
     total = config.grad_accum_steps * accum
@@ -262,11 +244,23 @@ def _suggestions(config, mesh_shape: dict[str, int], num_slices: int,
     out.append(f'--config.model.dtype=bfloat16: activations in bfloat16 '
                f'(parameters stay float32), about {_size(activations / 2)} '
                'less.')
-  if not config.model.remat:
+  if config.model.get('remat') is False:
     out.append('--config.model.remat=True: the backward pass recomputes each '
                'encoder block from its input instead of keeping its '
                'activations (about 1/3 more FLOPs for the masked pass).')
   return tuple(out)
+
+
+def trainer_setup(config: ml_collections.ConfigDict, num_examples: int,
+                  mesh: jax.sharding.Mesh):
+  """The step of the trainer `config` is for, built for a TPU: fine-tuning
+  and linear probing configs name a `protocol` (ImageNet's 1,000 classes
+  unless `num_classes` says otherwise); the others pre-train."""
+  if 'protocol' in config:
+    return finetune.setup(config, num_examples,
+                          config.num_classes or IMAGENET_CLASSES, mesh,
+                          platform='tpu')
+  return train.setup(config, num_examples, mesh, platform='tpu')
 
 
 def make_plan(config: ml_collections.ConfigDict, topology: str,
@@ -284,13 +278,14 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
   devices = topology_devices(topology, num_slices)
   chip = hardware.chip(devices[0].device_kind)
   mesh = sharding.make_mesh(config.mesh, -1, devices=devices)
-  s = train.setup(config, num_examples, mesh, platform='tpu')
+  s = trainer_setup(config, num_examples, mesh)
   state_bytes = _state_bytes_per_chip(s.abstract_state)
   param_bytes = sum(x.size * x.dtype.itemsize
                     for x in jax.tree.leaves(s.abstract_state['params']))
   chips = len(devices)
-  model_flops = model_flops_per_example(s) * config.batch_size / chips
-  batch_bytes = s.batch_spec.size * s.batch_spec.dtype.itemsize // chips
+  model_flops = s.flops_per_example * config.batch_size / chips
+  batch_bytes = sum(x.size * x.dtype.itemsize
+                    for x in jax.tree.leaves(s.batch_spec)) // chips
 
   t0 = time.perf_counter()
   flops, memory, error = None, {}, ''
@@ -302,7 +297,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
       raise
     error = str(e).strip().splitlines()[0].rstrip('.')
   else:
-    flops, _ = train.describe_compiled(compiled)
+    flops, _ = compiled_lib.describe(compiled)
     m = compiled.memory_analysis()
     memory = {'arguments': m.argument_size_in_bytes,
               'temporaries': m.temp_size_in_bytes,
@@ -311,15 +306,15 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
               'code': m.generated_code_size_in_bytes}
     needed = (memory['arguments'] + memory['temporaries'] + memory['outputs']
               - memory['aliased'])
-  resize = (resize_cost(config.device_resize_window, s.objective.image_hw[0],
-                        config.batch_size, mesh)
-            if config.device_resize_window else None)
+  window = config.get('device_resize_window', 0)
+  resize = (resize_cost(window, launch.image_hw(config)[0], config.batch_size,
+                        mesh) if window else None)
   compile_seconds = time.perf_counter() - t0
   hbm = int(chip.hbm_gib * 2**30)
   fits = not error and needed <= hbm
   mesh_shape = dict(mesh.shape)
   return Plan(
-      topology=topology, num_slices=num_slices, num_chips=chips,
+      description=s.description, topology=topology, num_slices=num_slices, num_chips=chips,
       num_hosts=len({d.process_index for d in devices}), chip=chip,
       mesh=mesh_shape, batch_size=config.batch_size,
       steps_per_epoch=s.steps_per_epoch, total_steps=s.total_steps,
@@ -351,10 +346,11 @@ def report(plan: Plan, config: ml_collections.ConfigDict) -> str:
   c = plan.chip
   slices = f'{plan.num_slices} x ' if plan.num_slices > 1 else ''
   lines = [
-      f'DropPos {config.model.variant}, {config.model.dtype}'
-      f'{", remat" if config.model.remat else ""}, global batch '
-      f'{plan.batch_size} (grad_accum_steps={config.grad_accum_steps}), '
-      f'{plan.total_steps} steps ({plan.steps_per_epoch}/epoch).',
+      f'{plan.description}, {config.model.dtype}'
+      f'{", remat" if config.model.get("remat") else ""}, global batch '
+      f'{plan.batch_size} (grad_accum_steps='
+      f'{config.get("grad_accum_steps", 1)}), {plan.total_steps} steps '
+      f'({plan.steps_per_epoch}/epoch).',
       f'Topology {slices}{plan.topology}: {plan.num_chips} chips of {c.name} '
       f'({c.peak_tflops:g} TFLOP/s bf16, {c.hbm_gib:g} GiB HBM), mesh '
       f'data={plan.mesh["data"]} fsdp={plan.mesh["fsdp"]}; compiled here in '

@@ -184,3 +184,23 @@ def make_train_step(model: droppos_model.DropPos, tx, cfg: ObjectiveConfig, *,
     return {'step': step + 1, 'params': params, 'opt_state': opt_state}, metrics
 
   return train_step
+
+
+def flops_per_example(model: droppos_model.DropPos, cfg: ObjectiveConfig) -> int:
+  """Analytic matmul FLOPs of one example's train step (no remat recompute):
+  3x the forward of the masked pass and position head (forward, backward as
+  two matmuls per matmul), 1x the forward-only attentive pass, the patch
+  embedding forward (all patches when shared with the attentive pass) and
+  its weight gradient from the visible patches."""
+  enc = model.encoder
+  n = cfg.num_patches
+  k = cfg.masking.counts(cfg.grid)[0]  # visible patches
+  d, pixels = enc.width, enc.patch_size**2 * 3
+  masked = enc.depth * vit.block_flops(1 + k, 1 + k, d, enc.mlp_dim)
+  head = model.projector.flops(k, d, n)
+  embed = 2 * (n if cfg.attentive else k) * pixels * d + 2 * k * pixels * d
+  attentive = 0
+  if cfg.attentive and enc.depth:
+    attentive = ((enc.depth - 1) * vit.block_flops(1 + n, 1 + n, d, enc.mlp_dim)
+                 + vit.block_flops(1 + n, 1 + k, d, enc.mlp_dim))
+  return 3 * (masked + head) + attentive + embed

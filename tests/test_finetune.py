@@ -99,9 +99,18 @@ def test_linear_probe_trains_head_only(pretrained, tmp_path):
 
 
 def forbid_compile(monkeypatch):
-  def fail(*args, **kwargs):
-    raise AssertionError('compiled before rejecting bad input')
-  monkeypatch.setattr(finetune.jax, 'jit', fail)
+  """jit may wrap functions (the trainer builds its steps first), but
+  compiling or running one fails the test."""
+  class Uncompilable:
+    def __init__(self, *args, **kwargs):
+      del args, kwargs
+
+    def __call__(self, *args, **kwargs):
+      raise AssertionError('compiled before rejecting bad input')
+
+    lower = __call__
+
+  monkeypatch.setattr(finetune.jax, 'jit', Uncompilable)
 
 
 @pytest.mark.slow

@@ -9,11 +9,15 @@ import sys
 import jax
 import pytest
 
-from droppos_jax import plan, sharding, train
+from droppos_jax import finetune, plan, sharding, train
+from droppos_jax.configs import finetune as finetune_config
+from droppos_jax.configs import linear_probe as linear_probe_config
 from droppos_jax.configs import pretrain
 from droppos_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+finetune_configs = {'finetune': finetune_config,
+                    'linear_probe': linear_probe_config}
 
 
 def tiny_config(**model):
@@ -59,7 +63,7 @@ def test_analytic_flops_match_the_traced_matmuls():
   s = train.setup(config, 1000, sharding.make_mesh(config.mesh, 1))
   traced = matmul_flops(jax.make_jaxpr(s.train_step)(
       s.abstract_state, s.batch_spec).jaxpr)
-  analytic = plan.model_flops_per_example(s) * config.batch_size
+  analytic = s.flops_per_example * config.batch_size
   # The trace also holds the patch-embedding input gradient, which XLA
   # drops (the images take no gradient): 4 % of this tiny model.
   assert analytic <= traced <= 1.06 * analytic
@@ -185,3 +189,29 @@ def test_command_line_unknown_topology_is_one_line():
   assert len(errors) == 1 and errors == proc.stderr.splitlines()[-1:]
   assert "--topology 'v5x:9' is not a TPU topology; valid: " in errors[0]
   assert 'v5p:4x4x4 (v5p-128)' in errors[0]
+
+
+@pytest.mark.parametrize('recipe', ['finetune', 'linear_probe'])
+def test_fine_tuning_flops_match_the_traced_matmuls(recipe):
+  """The fine-tuning trainers' analytic FLOPs against their traced step:
+  3x the forward for fine-tuning; the frozen encoder's forward once for
+  the linear probe."""
+  config = finetune_configs[recipe].get_config('runlocal')
+  s = finetune.setup(config, 1000, 10, sharding.make_mesh(config.mesh, 1))
+  traced = matmul_flops(jax.make_jaxpr(s.train_step)(
+      s.abstract_state, s.batch_spec).jaxpr)
+  analytic = s.flops_per_example * config.batch_size
+  assert 0.99 * analytic <= traced <= 1.01 * analytic, (traced, analytic)
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_recipe_is_planned(capsys):
+  config = finetune_configs['finetune'].get_config('runlocal')
+  config.batch_size = 32
+  p = plan.make_plan(config, 'v5e:2x2')
+  assert p.fits and p.description == 'finetune mu/8'
+  assert 1 <= p.flops_per_chip / p.model_flops_per_chip <= 2
+  print(plan.report(p, config))
+  out = capsys.readouterr().out
+  assert out.startswith('finetune mu/8, float32, global batch 32')
+  assert '-> fits' in out

@@ -29,7 +29,7 @@ import pytest
 import tensorflow as tf
 
 from droppos_jax import checkpoint, export, finetune, probe_position
-from droppos_jax import launch, train, visualize
+from droppos_jax import launch, train, training_loop, visualize
 from droppos_jax.configs import export as export_config
 from droppos_jax.configs import finetune as finetune_config
 from droppos_jax.configs import linear_probe as linear_probe_config
@@ -113,9 +113,15 @@ def forbid_compiling(monkeypatch, command):
   """A slip that passed validation fails the test when it compiles."""
   def fail(*args, **kwargs):
     raise AssertionError('compiled before refusing the slip')
-  monkeypatch.setattr(train.Setup, 'compile', fail)
-  if command in ('finetune', 'linear_probe'):  # it jits its steps at once
-    monkeypatch.setattr(finetune.jax, 'jit', fail)
+  monkeypatch.setattr(training_loop.Setup, 'compile', fail)
+  if command in ('finetune', 'linear_probe'):  # it also jits its init, eval
+
+    class Uncompilable:  # jit may wrap; compiling or running one fails
+      def __init__(self, *args, **kwargs):
+        del args, kwargs
+      __call__ = lower = fail
+
+    monkeypatch.setattr(finetune.jax, 'jit', Uncompilable)
 
 
 A = r'\[0, 1\)'

@@ -37,6 +37,13 @@ class ViTClassifier(nn.Module):
   encoder: vit.VisionTransformer
   num_classes: int
 
+  def flops_per_example(self, image_hw) -> int:
+    """Analytic matmul FLOPs of one image's train step: forward and backward
+    (3x the forward) of the blocks and head; the patch embedding's forward
+    and weight gradient (the images take none)."""
+    embed, blocks = self.encoder.forward_flops(image_hw)
+    return 2 * embed + 3 * (blocks + 2 * self.encoder.width * self.num_classes)
+
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     x = self.encoder(images, train=train)['pooled']
@@ -56,6 +63,11 @@ class LinearProbe(nn.Module):
   """
   encoder: vit.VisionTransformer
   num_classes: int
+
+  def flops_per_example(self, image_hw) -> int:
+    """The frozen encoder's forward, and 3x the head's (its gradient)."""
+    return (sum(self.encoder.forward_flops(image_hw))
+            + 3 * 2 * self.encoder.width * self.num_classes)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):

@@ -423,6 +423,14 @@ class VisionTransformer(nn.Module):
            'patches': tokens[:, 1:], 'gap': tokens[:, 1:].mean(axis=1)}
     return dict(out, pooled=out[self.pool])
 
+  def forward_flops(self, image_hw: Sequence[int]) -> tuple[int, int]:
+    """Matmul FLOPs of one image's full forward pass (every patch): (the
+    patch embedding's, the blocks')."""
+    h, w = grid_size(image_hw, self.patch_size)
+    n = h * w
+    return (2 * n * self.patch_size**2 * 3 * self.width,
+            self.depth * block_flops(1 + n, 1 + n, self.width, self.mlp_dim))
+
   def __call__(self, images, ids_keep=None, drop_mask=None, pe_token=None, *,
                train: bool = False) -> dict[str, jax.Array]:
     """Encodes `images` [B, H, W, 3]: every patch with its true PE, or the
