@@ -89,8 +89,9 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
       # precision, XLA elsewhere; or 'xla' / 'cudnn'.
       attention='auto'))
   c.masking = masking_config()
+  # `name`: a registered objective (droppos_jax.pretrain.OBJECTIVES).
   c.objective = ml_collections.ConfigDict(dict(
-      attentive=True, tau=0.1, sigma=1.0, sigma_schedule='linear_epoch',
+      name='droppos', attentive=True, tau=0.1, sigma=1.0, sigma_schedule='linear_epoch',
       official_quirks=False))
   c.data = data_config('tfds', name='imagenet2012')
   # 0: each crop is resized on the host (tf.data). P > 0: the host decodes

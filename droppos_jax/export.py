@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 from etils import epath
 import numpy as np
 
-from droppos_jax import launch
+from droppos_jax import launch, settings
 from droppos_jax.errors import UserError, writing
 from droppos_jax.models import convert, vit, weights
 
@@ -122,7 +122,7 @@ def run(config, output: str) -> dict[str, Any]:
   if not config.init.path:
     raise UserError('--config.init.path is required: the workdir, step folder '
                     'or weights file to export.')
-  image_hw = None if config.image_size is None else launch.image_hw(config)
+  image_hw = None if config.image_size is None else settings.image_hw(config.image_size)
   out = export(config.init.path, output, num_heads=config.num_heads,
                image_hw=image_hw)
   w = out['weights']

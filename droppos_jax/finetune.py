@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from droppos_jax import checkpoint, classification, launch, metric_logging
-from droppos_jax import optim, run_policy, sharding, training_loop
+from droppos_jax import run_policy, settings, sharding, training_loop
 from droppos_jax.data import device, sources, transforms
 from droppos_jax.errors import UserError
 from droppos_jax.models import vit
@@ -63,7 +63,7 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   """Validates the config and builds the steps exactly as training runs
   them (`platform` is the planner's; nothing here depends on it yet)."""
   del platform
-  hw = launch.image_hw(config)
+  hw = settings.image_hw(config.image_size)
   patch = vit.decode_variant(config.model.variant).patch_size
   vit.grid_size(hw, patch)
   if config.eval_every_epochs < 1:
@@ -76,13 +76,8 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   model = classification.build_model(config, num_classes)
   sharding.check_batch_divides(config.batch_size, mesh)
   sharding.check_batch_divides(config.eval_batch_size, mesh, 'eval_batch_size')
-  steps_per_epoch, total_steps, warmup_steps = launch.schedule_lengths(
-      config, num_examples)
-  if not config.optim.blr > 0:
-    raise UserError(f'optim.blr={config.optim.blr} must be > 0.')
-  peak_lr = config.optim.blr * config.batch_size / 256
-  lr_fn = optim.lr_schedule(peak_lr, total_steps=total_steps,
-                            warmup_steps=warmup_steps, min_lr=config.optim.min_lr)
+  sched = settings.schedule(config, num_examples)
+  lr_fn = sched.lr_fn()
   dummy = jnp.zeros((1, *hw, 3))
   abstract_vars = jax.eval_shape(
       lambda: model.init(jax.random.key(config.seed), dummy))
@@ -104,8 +99,9 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                    sharding=batch_sh)
   return Setup(
-      mesh=mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-      warmup_steps=warmup_steps, lr_fn=lr_fn, init_state=lambda: init({}),
+      mesh=mesh, steps_per_epoch=sched.steps_per_epoch,
+      total_steps=sched.total_steps, warmup_steps=sched.warmup_steps,
+      lr_fn=lr_fn, init_state=lambda: init({}),
       abstract_state=checkpoint.abstract_with_shardings(abstract, state_sh),
       batch_spec={'image': spec((config.batch_size, *hw, 3), jnp.float32),
                   'label': spec((config.batch_size,), jnp.int32)},

@@ -37,7 +37,7 @@ from jax.experimental import topologies
 import ml_collections
 
 from droppos_jax import compiled as compiled_lib
-from droppos_jax import finetune, hardware, launch, sharding, train
+from droppos_jax import finetune, hardware, launch, settings, sharding, train
 from droppos_jax.data import device
 from droppos_jax.errors import UserError
 
@@ -307,7 +307,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
     needed = (memory['arguments'] + memory['temporaries'] + memory['outputs']
               - memory['aliased'])
   window = config.get('device_resize_window', 0)
-  resize = (resize_cost(window, launch.image_hw(config)[0], config.batch_size,
+  resize = (resize_cost(window, settings.image_hw(config.image_size)[0], config.batch_size,
                         mesh) if window else None)
   compile_seconds = time.perf_counter() - t0
   hbm = int(chip.hbm_gib * 2**30)

@@ -3,7 +3,7 @@ masked pass and loss, as one pure function that jit can compile once."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -94,13 +94,6 @@ def masked_loss_fn(params, model: droppos_model.DropPos, images, ids_keep,
   return loss, dict(metrics, weight_sum=weights.sum())
 
 
-def loss_fn(params, model: droppos_model.DropPos, images, key, sigma,
-            cfg: ObjectiveConfig):
-  """(loss, metrics) with masks drawn from `key`."""
-  ids_keep, drop_mask = cfg.masking.sample(key, images.shape[0], cfg.grid)
-  return masked_loss_fn(params, model, images, ids_keep, drop_mask, sigma, cfg)
-
-
 # Metrics normalised by the token weights; the others are normalised by token
 # counts, which are equal in every micro-batch (exact mask counts).
 _WEIGHTED_METRICS = ('loss', 'acc1')
@@ -146,19 +139,19 @@ def accumulated_grads(params, model, images, ids_keep, drop_mask, sigma,
   return grads, metrics
 
 
-def objective_from_config(config, *, total_steps: int,
-                          steps_per_epoch: int) -> ObjectiveConfig:
+def objective_from_config(config, *, image_hw: tuple[int, int],
+                          patch_size: int, schedule) -> ObjectiveConfig:
   """The objective of a pre-training config: its `objective` and `masking`
-  blocks, image size and patch size, with sigma scheduled over the run's steps."""
+  blocks at the model's image and patch size, with sigma scheduled over the
+  run (`schedule`, a settings.Schedule)."""
   obj = config.objective
-  size = config.image_size
   return ObjectiveConfig(
-      image_hw=(size, size) if isinstance(size, int) else tuple(size),
-      patch_size=vit.decode_variant(config.model.variant).patch_size,
+      image_hw=image_hw, patch_size=patch_size,
       masking=masking.Masking.from_config(config.masking),
       attentive=obj.attentive, tau=obj.tau, sigma=obj.sigma,
-      sigma_schedule=obj.sigma_schedule, total_steps=total_steps,
-      steps_per_epoch=steps_per_epoch, official_quirks=obj.official_quirks)
+      sigma_schedule=obj.sigma_schedule, total_steps=schedule.total_steps,
+      steps_per_epoch=schedule.steps_per_epoch,
+      official_quirks=obj.official_quirks)
 
 
 def make_train_step(model: droppos_model.DropPos, tx, cfg: ObjectiveConfig, *,
@@ -204,3 +197,41 @@ def flops_per_example(model: droppos_model.DropPos, cfg: ObjectiveConfig) -> int
     attentive = ((enc.depth - 1) * vit.block_flops(1 + n, 1 + n, d, enc.mlp_dim)
                  + vit.block_flops(1 + n, 1 + k, d, enc.mlp_dim))
   return 3 * (masked + head) + attentive + embed
+
+
+def init_params(model: droppos_model.DropPos, key: jax.Array,
+                image_hw: tuple[int, int]):
+  """The model's parameters, initialised from `key` for `image_hw` images."""
+  return model.init(key, jnp.zeros((1, *image_hw, 3)),
+                    jnp.zeros((1, 1), jnp.int32),
+                    jnp.ones((1, 1), bool))['params']
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A pre-training objective, chosen by `config.objective.name`: how its
+  model is built from the `model` block (and the platform the step runs on),
+  its static settings from the config, its parameters, its train step
+  (state, images) -> (state, metrics) and its analytic FLOPs per example."""
+  title: str                      # for people: 'DropPos'
+  build_model: Callable[..., Any]
+  settings: Callable[..., Any]
+  init_params: Callable[..., Any]
+  make_train_step: Callable[..., Any]
+  flops_per_example: Callable[..., int]
+
+
+# name -> Objective.
+OBJECTIVES = {
+    'droppos': Objective(
+        title='DropPos', build_model=droppos_model.droppos_from_model_config,
+        settings=objective_from_config, init_params=init_params,
+        make_train_step=make_train_step, flops_per_example=flops_per_example),
+}
+
+
+def objective(name: str) -> Objective:
+  if name not in OBJECTIVES:
+    raise UserError(f'objective.name={name!r}; registered: '
+                    f'{", ".join(OBJECTIVES)}.')
+  return OBJECTIVES[name]

@@ -19,19 +19,18 @@ import jax.numpy as jnp
 import ml_collections
 
 from droppos_jax import checkpoint, launch, metric_logging, optim, pretrain
-from droppos_jax import run_policy, sharding, training_loop
+from droppos_jax import run_policy, settings, sharding, training_loop
 from droppos_jax.data import device, sources, transforms
 from droppos_jax.errors import UserError
 from droppos_jax.evaluators import online
-from droppos_jax.models import droppos as droppos_model
 
 
 @dataclasses.dataclass
 class Setup(training_loop.Setup):
   """Pre-training's step (training_loop.Setup) and the parts it is built
   from."""
-  model: droppos_model.DropPos
-  objective: pretrain.ObjectiveConfig
+  model: Any                      # the objective's model
+  objective: Any                  # its settings (pretrain.ObjectiveConfig)
   augment: transforms.TrainAugment
 
 
@@ -39,11 +38,12 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
           mesh: jax.sharding.Mesh, platform: Optional[str] = None) -> Setup:
   """Validates the config and builds the step exactly as training runs it
   on `platform` (default: this machine's; the planner passes 'tpu')."""
-  hw = launch.image_hw(config)
+  hw = settings.image_hw(config.image_size)
   augment = transforms.TrainAugment(
       device_resize_window=config.device_resize_window)
   augment.check_size(hw)
-  model = droppos_model.droppos_from_model_config(config.model, platform)
+  objective_lib = pretrain.objective(config.objective.name)
+  model = objective_lib.build_model(config.model, platform)
   if config.grad_accum_steps < 1:
     raise UserError(f'grad_accum_steps={config.grad_accum_steps} must be >= 1.')
   sharding.check_batch_divides(config.batch_size, mesh)
@@ -52,42 +52,35 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
                     f'grad_accum_steps={config.grad_accum_steps}.')
   sharding.check_batch_divides(config.batch_size // config.grad_accum_steps,
                                mesh, 'batch_size / grad_accum_steps')
-  steps_per_epoch, total_steps, warmup_steps = launch.schedule_lengths(
-      config, num_examples)
-  if not config.optim.blr > 0:
-    raise UserError(f'optim.blr={config.optim.blr} must be > 0 (the paper '
-                    'uses 1.5e-4).')
-  peak_lr = config.optim.blr * config.batch_size / 256
-  lr_fn = optim.lr_schedule(peak_lr, total_steps=total_steps,
-                            warmup_steps=warmup_steps, min_lr=config.optim.min_lr)
+  sched = settings.schedule(config, num_examples)
+  lr_fn = sched.lr_fn()
   tx = optim.make_optimizer(config.optim, lr_fn)
-  objective = pretrain.objective_from_config(
-      config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  objective = objective_lib.settings(
+      config, image_hw=hw, patch_size=model.encoder.patch_size,
+      schedule=sched)
 
   def init_state():
-    params = model.init(jax.random.key(config.seed), jnp.zeros((1, *hw, 3)),
-                        jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))
-    params = params['params']
+    params = objective_lib.init_params(model, jax.random.key(config.seed), hw)
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'opt_state': tx.init(params)}
 
   abstract = jax.eval_shape(init_state)
   state_sh = sharding.state_shardings(abstract, mesh)
   batch_sh = sharding.batch_sharding(mesh)
-  step_fn = pretrain.make_train_step(
+  step_fn = objective_lib.make_train_step(
       model, tx, objective, lr_fn=lr_fn, seed=config.seed,
       accum_steps=config.grad_accum_steps)
   return Setup(
-      mesh=mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-      warmup_steps=warmup_steps, lr_fn=lr_fn,
-      init_state=jax.jit(init_state, out_shardings=state_sh),
+      mesh=mesh, steps_per_epoch=sched.steps_per_epoch,
+      total_steps=sched.total_steps, warmup_steps=sched.warmup_steps,
+      lr_fn=lr_fn, init_state=jax.jit(init_state, out_shardings=state_sh),
       abstract_state=checkpoint.abstract_with_shardings(abstract, state_sh),
       batch_spec=jax.ShapeDtypeStruct((config.batch_size, *hw, 3), jnp.float32,
                                       sharding=batch_sh),
       train_step=jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                          out_shardings=(state_sh, None), donate_argnums=(0,)),
-      flops_per_example=pretrain.flops_per_example(model, objective),
-      description=f'DropPos {config.model.variant}',
+      flops_per_example=objective_lib.flops_per_example(model, objective),
+      description=f'{objective_lib.title} {config.model.variant}',
       model=model, objective=objective, augment=augment)
 
 

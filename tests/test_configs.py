@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from droppos_jax import launch, sharding, train
+from droppos_jax import settings, sharding, train
 from droppos_jax.configs import common
 from droppos_jax.configs import pretrain as pretrain_config
 from droppos_jax.errors import UserError
@@ -50,8 +50,10 @@ def test_paper_recipes(arg, variant, epochs, warmup):
   assert (c.masking.strategy, c.masking.mask_ratio, c.masking.pos_drop_ratio) == (
       'random', 0.75, 0.75)
   assert c.data.name == 'imagenet2012' and c.image_size == 224
-  steps_per_epoch, total, warm = launch.schedule_lengths(c, 1_281_167)
-  assert (steps_per_epoch, total, warm) == (312, 312 * epochs, 312 * warmup)
+  s = settings.schedule(c, 1_281_167)
+  assert (s.steps_per_epoch, s.total_steps, s.warmup_steps) == (
+      312, 312 * epochs, 312 * warmup)
+  assert s.peak_lr == 1.5e-4 * 4096 / 256
 
 
 def test_unknown_arg_is_rejected():

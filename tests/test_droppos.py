@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from droppos_jax import losses, masking, pretrain
+from droppos_jax import losses, masking, pretrain, settings
 from droppos_jax.models import convert, droppos, vit
 
 PAPER_MASKING = masking.Masking('random', 0.75, 0.75)
@@ -215,14 +215,17 @@ def test_objective_config_rejects_bad_settings():
 def test_objective_from_config_carries_sigma_schedule_and_quirks():
   from droppos_jax.configs import pretrain as pretrain_config
   c = pretrain_config.get_config('variant=B/16,epochs=800')
-  obj = pretrain.objective_from_config(c, total_steps=8000, steps_per_epoch=10)
+  objective = lambda c: pretrain.objective_from_config(
+      c, image_hw=(224, 224), patch_size=16, schedule=settings.Schedule(
+          steps_per_epoch=10, total_steps=8000, warmup_steps=0, peak_lr=1.,
+          min_lr=0.))
+  obj = objective(c)
   assert obj.grid == (14, 14) and obj.official_grid_width is None
   # The paper's schedule: sigma_0 (1 - epoch / epochs), once per epoch.
   np.testing.assert_allclose([obj.sigma_at(s) for s in (0, 9, 10, 7999)],
                              [1., 1., 1 - 1 / 800, 1 / 800], rtol=1e-4)
   c.objective.official_quirks = True  # the reference's 224 // 14 = 16 grid
-  assert pretrain.objective_from_config(
-      c, total_steps=8000, steps_per_epoch=10).official_grid_width == 16
+  assert objective(c).official_grid_width == 16
   c.objective.sigma_schedule = 'step'
   with pytest.raises(ValueError, match="Unknown sigma schedule 'step'"):
-    pretrain.objective_from_config(c, total_steps=8000, steps_per_epoch=10)
+    objective(c)

@@ -300,7 +300,8 @@ def test_bad_arguments(opened):
     batches(folder, 1, rows=(3, 2))
   with pytest.raises(UserError, match='start_step must be >= 0'):
     batches(folder, 1, start_step=-1)
-  with pytest.raises(UserError, match='image_size must be positive'):
+  with pytest.raises(UserError, match=r'image_size=0; expected a positive '
+                     r'int or \(height, width\)'):
     batches(folder, 1, size=0)
   with pytest.raises(UserError, match='TFRecord file.*fewer than the 8'):
     batches(opened['tfrecord'], 1, rows=(0, 1))

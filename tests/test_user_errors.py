@@ -140,6 +140,8 @@ CASES = [
      r"^model\.head='mlp'; registered: transformer, linear\.$"),
     ('train', {'model.head': 'linear', 'model.projector_width': 64},
      r"^model\.head='linear' has no width: unset the projector_\* fields"),
+    ('train', {'objective.name': 'mae'},
+     r"^objective\.name='mae'; registered: droppos\.$"),
     ('train', {'masking.strategy': 'grid'},
      r"^masking\.strategy='grid'; registered: random, block\.$"),
     ('train', {'model.projector_width': 30},
@@ -185,7 +187,8 @@ CASES = [
      r'^warmup_epochs=2 \(4 steps\) must be shorter than the run \(4 steps\); '
      r'reduce it\.$'),
     ('train', {'optim.blr': 0.0},
-     r'^optim\.blr=0\.0 must be > 0 \(the paper uses 1\.5e-4\)\.$'),
+     r'^optim\.blr=0\.0 must be > 0 \(the paper uses 1\.5e-4 for '
+     r'pre-training, 1e-3 for fine-tuning\)\.$'),
     ('train', {'optim.min_lr': -1e-6},
      r'^optim\.min_lr=-1e-06 must be in \[0, 9\.37e-06\] \(the peak lr, '
      r'optim\.blr \* batch_size / 256\)\.$'),

@@ -31,18 +31,12 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from droppos_jax import settings
 from droppos_jax.data import sources, transforms
 from droppos_jax.errors import UserError
 
 _FOREVER = 2**62
 _WINDOW_TAG = 1  # folded into the seed for TFRecord window shuffles
-
-
-def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-  h, w = (image_size, image_size) if np.ndim(image_size) == 0 else image_size
-  if int(h) < 1 or int(w) < 1:
-    raise UserError(f'image_size must be positive, got {image_size!r}.')
-  return int(h), int(w)
 
 
 def check_rows(rows: tuple[int, int] | None,
@@ -274,7 +268,7 @@ def train_stream(source: sources.Source, augment: transforms.TrainAugment, *,
   yields from that step, and (random-access sources) the rows of what a
   one-process stream yields, bit for bit.
   """
-  hw = image_hw(image_size)
+  hw = settings.image_hw(image_size)
   augment.check_size(hw)
   rows = check_rows(rows, global_batch_size)
   if start_step < 0:
@@ -345,7 +339,7 @@ def eval_stream(source: sources.Source, *, image_size: int | Sequence[int],
   the p-th contiguous P-th of the examples. Every process yields the same
   number of batches (multi-host evaluation steps in lock-step).
   """
-  hw = image_hw(image_size)
+  hw = settings.image_hw(image_size)
   rows = check_rows(rows, global_batch_size)
   size = rows[1] - rows[0]
   limit = source.size if num_examples is None else min(num_examples,

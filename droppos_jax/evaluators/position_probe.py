@@ -27,7 +27,7 @@ from etils import epath
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from droppos_jax import masking, pictures
+from droppos_jax import masking, pictures, settings
 from droppos_jax.data import device, sources
 from droppos_jax.errors import UserError
 from droppos_jax.losses import grid_coords
@@ -240,7 +240,7 @@ def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
                       'set image_size.')
     hw = frozen.image_hw
   else:
-    hw = (size, size) if np.ndim(size) == 0 else tuple(size)
+    hw = settings.image_hw(size)
   grid = vit.grid_size(hw, frozen.encoder.patch_size)
   mask = masking.Masking.from_config(config.masking)
   mask.counts(grid)
