@@ -7,7 +7,7 @@ r"""Position probing (paper §4.3) of a frozen ViT on the offline demo photos.
 
 `init.path` is a pre-training or fine-tuning workdir or step folder, or a
 DropPos/MAE/timm weights file (.safetensors, .pth/.pt/.bin, .npz;
-models/weights.py); empty means a random `variant`, as in fine-tuning.
+models/weights.py); empty means a random `model.variant`, as in fine-tuning.
 Dropped tokens get the checkpoint's mask_pos_token if it has one (and
 use_mask_token), else no PE.
 
@@ -29,10 +29,12 @@ def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
   c.init = ml_collections.ConfigDict(dict(path=''))
-  c.variant = 'nano/8'            # random init only; checkpoints carry theirs
-  # Unset (None): from the checkpoint. num_heads only matters for files whose
-  # width is not a vit.VARIANTS width; image_size is the square probe size.
-  c.num_heads = config_dict.placeholder(int)
+  # `variant`: random init only (checkpoints carry theirs). Unset
+  # `num_heads`: from the weights; it only matters for files whose width is
+  # not a vit.VARIANTS width.
+  c.model = ml_collections.ConfigDict(dict(
+      variant='nano/8', num_heads=config_dict.placeholder(int)))
+  # Unset: from the checkpoint; the square probe size.
   c.image_size = config_dict.placeholder(int)
   c.masking = common.masking_config()
   c.use_mask_token = True         # False: dropped tokens get no PE

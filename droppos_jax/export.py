@@ -123,7 +123,7 @@ def run(config, output: str) -> dict[str, Any]:
     raise UserError('--config.init.path is required: the workdir, step folder '
                     'or weights file to export.')
   image_hw = None if config.image_size is None else settings.image_hw(config.image_size)
-  out = export(config.init.path, output, num_heads=config.num_heads,
+  out = export(config.init.path, output, num_heads=config.model.num_heads,
                image_hw=image_hw)
   w = out['weights']
   print(w.summary())

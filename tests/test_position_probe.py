@@ -83,7 +83,7 @@ def test_linear_head_learns_position_coded_features():
 
 def probe_config_for(images, **overrides):
   c = probe_config.get_config()
-  c.variant = 'mu/8'
+  c.model.variant = 'mu/8'
   c.image_size = 32
   for data in (c.train_data, c.eval_data):
     data.source, data.path = 'folder', images

@@ -227,8 +227,8 @@ def run_probe(config, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, Any]:
              lr=h.lr, weight_decay=h.weight_decay)
   if config.mask_draws < 1:
     raise UserError(f'mask_draws={config.mask_draws} must be >= 1.')
-  frozen = load_encoder(config.init.path, variant=config.variant, seed=config.seed,
-                        num_heads=config.num_heads)
+  frozen = load_encoder(config.init.path, variant=config.model.variant,
+                        seed=config.seed, num_heads=config.model.num_heads)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   frozen = dataclasses.replace(
       frozen, params=jax.device_put(frozen.params, replicated),

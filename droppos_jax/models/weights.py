@@ -160,7 +160,7 @@ class Weights:
     if a.num_heads is None:
       raise UserError(
           f'{self.source}: width {a.width} is not a width of vit.VARIANTS and '
-          'weights do not store the number of heads: set num_heads.')
+          'weights do not store the number of heads: set model.num_heads.')
     return vit.VisionTransformer(a.width, a.depth, a.mlp_dim, a.num_heads,
                                  a.patch_size, **kwargs)
 
