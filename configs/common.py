@@ -125,6 +125,8 @@ def eval_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       enabled=False,
       every_steps=500,
+      # Registered names (droppos_jax.evaluators.online.ONLINE_EVALUATORS).
+      evaluators=('knn', 'heldout_positions'),
       bank_data=data_config('demo', split='train'),   # labelled k-NN memory bank
       query_data=data_config('demo', split='val'),    # queries, held-out positions
       num_bank_examples=256,

@@ -3,6 +3,7 @@ paper, arXiv 2309.03576, evaluates): models, optimizers with layer-wise lr
 decay, mixup/cutmix, initial weights, and the jit-able train/eval steps."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Callable
 
@@ -16,45 +17,41 @@ from droppos_jax import optim
 from droppos_jax.errors import UserError
 from droppos_jax.models import classifier, convert, vit, weights
 
-PROTOCOLS = ('finetune', 'linear_probe')
-# The fields each protocol reads beyond the shared ones, and its config file.
-PROTOCOL_FIELDS = {
-    'finetune': (('model', 'drop_path_rate'), ('model', 'remat'),
-                 ('optim', 'b1'), ('optim', 'b2'), ('optim', 'layer_decay')),
-    'linear_probe': (('model', 'feature'), ('optim', 'momentum'))}
-PROTOCOL_CONFIGS = {'finetune': 'configs/finetune.py',
-                    'linear_probe': 'configs/linear_probe.py'}
-
-
-def check_protocol(config) -> None:
-  """`config.protocol` is known and the config has the fields it reads (a
-  linear-probe config switched to 'finetune' lacks drop_path_rate...)."""
-  protocol = config.protocol
-  if protocol not in PROTOCOLS:
-    raise UserError(f'protocol={protocol!r}; valid: {PROTOCOLS}.')
-  missing = [f'{group}.{name}' for group, name in PROTOCOL_FIELDS[protocol]
+def check_protocol(config) -> 'Protocol':
+  """`config.protocol`'s Protocol, once the config has the fields it reads
+  (a linear-probe config switched to 'finetune' lacks drop_path_rate...)."""
+  protocol = PROTOCOLS.get(config.protocol)
+  if protocol is None:
+    raise UserError(f'protocol={config.protocol!r}; registered: '
+                    f'{", ".join(PROTOCOLS)}.')
+  missing = [f'{group}.{name}' for group, name in protocol.fields
              if name not in config[group]]
   if missing:
     raise UserError(
-        f'protocol={protocol!r} needs {", ".join(missing)}, which this config '
-        f'lacks (it was made for another protocol); start from '
-        f'{PROTOCOL_CONFIGS[protocol]} instead.')
+        f'protocol={config.protocol!r} needs {", ".join(missing)}, which this '
+        'config lacks (it was made for another protocol); start from '
+        f'{protocol.config_file} instead.')
+  return protocol
 
 
 def build_model(config, num_classes: int):
-  """ViTClassifier (fine-tune) or LinearProbe, from `config.model`."""
-  m = config.model
-  check_protocol(config)
-  dtype = vit.compute_dtype(m.dtype)
-  if config.protocol == 'linear_probe':
-    return classifier.linear_probe_from_variant(
-        m.variant, num_classes, feature=m.feature, dtype=dtype)
+  """The protocol's model (ViTClassifier or LinearProbe) from `config.model`."""
+  return check_protocol(config).build_model(config.model, num_classes)
+
+
+def _finetune_model(m, num_classes: int) -> classifier.ViTClassifier:
   if not 0 <= m.drop_path_rate < 1:
     raise UserError(f'model.drop_path_rate={m.drop_path_rate} must be in '
-                     '[0, 1).')
+                    '[0, 1).')
   return classifier.classifier_from_variant(
       m.variant, num_classes, drop_path_rate=m.drop_path_rate,
-      dtype=dtype, remat=m.remat)
+      dtype=vit.compute_dtype(m.dtype), remat=m.remat)
+
+
+def _linear_probe_model(m, num_classes: int) -> classifier.LinearProbe:
+  return classifier.linear_probe_from_variant(
+      m.variant, num_classes, feature=m.feature,
+      dtype=vit.compute_dtype(m.dtype))
 
 
 # --------------------------------------------------------------- optimizer ---
@@ -96,20 +93,28 @@ def finetune_decay_mask(params: Any) -> Any:
 
 def make_optimizer(config, lr_fn: optax.Schedule, params: Any
                    ) -> optax.GradientTransformation:
-  """Fine-tune: AdamW with layer-wise lr decay (scaling AdamW's whole update,
-  decay included, is exactly a per-group lr). Linear probe: LARS on the head
-  only (biases neither decayed nor trust-ratio scaled, as MAE's LARS), the
-  encoder gets no update and no optimizer state."""
+  """The protocol's optimizer for `params`."""
+  return check_protocol(config).make_optimizer(config, lr_fn, params)
+
+
+def _finetune_optimizer(config, lr_fn, params):
+  """AdamW with layer-wise lr decay (scaling AdamW's whole update, decay
+  included, is exactly a per-group lr)."""
   o = config.optim
-  if config.protocol == 'finetune':
-    optim.check_adamw(o)
-    if not 0 < o.layer_decay <= 1:
-      raise UserError(f'optim.layer_decay={o.layer_decay} must be in (0, 1].')
-    depth = vit.decode_variant(config.model.variant).depth
-    return optax.chain(
-        optax.adamw(lr_fn, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                    mask=finetune_decay_mask),
-        scale_by_tree(layer_scales(params, depth, o.layer_decay)))
+  optim.check_adamw(o)
+  if not 0 < o.layer_decay <= 1:
+    raise UserError(f'optim.layer_decay={o.layer_decay} must be in (0, 1].')
+  depth = vit.decode_variant(config.model.variant).depth
+  return optax.chain(
+      optax.adamw(lr_fn, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                  mask=finetune_decay_mask),
+      scale_by_tree(layer_scales(params, depth, o.layer_decay)))
+
+
+def _linear_probe_optimizer(config, lr_fn, params):
+  """LARS on the head only (biases neither decayed nor trust-ratio scaled,
+  as MAE's LARS); the encoder gets no update and no optimizer state."""
+  o = config.optim
   if not 0 <= o.momentum < 1:
     raise UserError(f'optim.momentum={o.momentum} must be in [0, 1) (LARS '
                     'momentum; MAE uses 0.9).')
@@ -122,6 +127,34 @@ def make_optimizer(config, lr_fn: optax.Schedule, params: Any
   labels = {k: 'head' if k == 'head' else 'frozen' for k in params}
   return optax.multi_transform({'head': lars, 'frozen': optax.set_to_zero()},
                                labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """An evaluation protocol, chosen by `config.protocol`: the fields it
+  reads beyond the shared ones, the config file that has them, its model
+  and optimizer, and whether a fine-tuned classifier's head initialises its
+  own."""
+  fields: tuple[tuple[str, str], ...]
+  config_file: str
+  build_model: Callable[..., Any]
+  make_optimizer: Callable[..., optax.GradientTransformation]
+  reuses_head: bool
+
+
+# name -> Protocol: MAE's fine-tuning and linear probing.
+PROTOCOLS = {
+    'finetune': Protocol(
+        fields=(('model', 'drop_path_rate'), ('model', 'remat'),
+                ('optim', 'b1'), ('optim', 'b2'), ('optim', 'layer_decay')),
+        config_file='configs/finetune.py', build_model=_finetune_model,
+        make_optimizer=_finetune_optimizer, reuses_head=True),
+    'linear_probe': Protocol(
+        fields=(('model', 'feature'), ('optim', 'momentum')),
+        config_file='configs/linear_probe.py',
+        build_model=_linear_probe_model,
+        make_optimizer=_linear_probe_optimizer, reuses_head=False),
+}
 
 
 # ---------------------------------------------------------- mixup / cutmix ---
@@ -262,7 +295,7 @@ def load_init(init_cfg, protocol: str, abstract_params: Any,
                  'recomputed for the new grid, nothing to resample.',
                  'x'.join(map(str, w.image_hw)), 'x'.join(map(str, image_hw)))
   out = {'encoder': encoder}
-  if w.kind == 'classifier' and protocol == 'finetune':
+  if w.kind == 'classifier' and PROTOCOLS[protocol].reuses_head:
     heads = {k: w.params[k] for k in ('fc_norm', 'head') if k in w.params}
     problems = convert.compatibility_problems(
         heads, {k: abstract_params[k] for k in heads})

@@ -71,7 +71,7 @@ def init_params(model, seed):
 
 @pytest.mark.slow
 def test_metrics_in_range_compiled_once_and_exact(monkeypatch):
-  # encoder_features is traced twice: alone (bank) and inside query_step.
+  # encoder_features is traced once (bank and queries, one batch shape).
   monkeypatch.setattr(online, 'encoder_features',
                       chex.assert_max_traces(online.encoder_features, n=2))
   monkeypatch.setattr(online, 'query_step',
@@ -96,7 +96,7 @@ def test_metrics_in_range_compiled_once_and_exact(monkeypatch):
   chex.clear_trace_counter()
   # Held-out accuracy equals the objective's own metric on the 20 real
   # images with the same fixed masks (padding excluded exactly).
-  queries = evaluator._queries  # pylint: disable=protected-access
+  queries = evaluator.queries
   real = lambda name: np.concatenate([b[name] for b in queries])[:20]
   _, want = jax.jit(pretrain.masked_loss_fn, static_argnums=(1, 6))(
       jax.device_get(params), model, real('image'), real('ids_keep'),
@@ -122,10 +122,29 @@ def test_disabled_and_bad_configs():
   for bad, match in ((dict(knn_feature='mean'), 'knn_feature'),
                      (dict(every_steps=0), 'every_steps'),
                      (dict(knn_k=0), 'knn_k'),
-                     (dict(knn_temperature=0.), 'knn_temperature')):
+                     (dict(knn_temperature=0.), 'knn_temperature'),
+                     (dict(evaluators=('knn', 'svm')),
+                      r"eval.evaluators=\('knn', 'svm'\); registered: knn, "
+                      'heldout_positions')):
     with pytest.raises(ValueError, match=match):
       online.OnlineEvaluator(small_config(**bad), model=model, obj_cfg=OBJ,
                              mesh=mesh)
   with pytest.raises(ValueError, match='exceeds the 8 bank'):
     online.OnlineEvaluator(small_config(num_bank_examples=8, knn_k=9),
                            model=model, obj_cfg=OBJ, mesh=mesh)
+
+
+@pytest.mark.slow
+def test_the_config_chooses_the_evaluations():
+  model = droppos_model.droppos_from_config('mu/8', 'tiny')
+  mesh = sharding.make_mesh()
+  params = jax.device_put(init_params(model, 0), jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  both = online.OnlineEvaluator(small_config(), model=model, obj_cfg=OBJ,
+                                mesh=mesh).run(params, 0)
+  only = online.OnlineEvaluator(
+      small_config(evaluators=('heldout_positions',)), model=model,
+      obj_cfg=OBJ, mesh=mesh).run(params, 0)
+  assert set(only) == {'heldout_pos_acc', 'heldout_pos_acc_weighted',
+                       'heldout_dist_err'}
+  assert only == {k: both[k] for k in only}

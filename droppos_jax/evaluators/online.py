@@ -65,35 +65,67 @@ def encoder_features(model: droppos_model.DropPos, feature: str, params,
 
 
 def query_step(model: droppos_model.DropPos, cfg: pretrain.ObjectiveConfig,
-               feature: str, params, images, valid, ids_keep, drop_mask):
-  """k-NN features and count-weighted position metrics of one held-out batch.
-
-  Padding rows (valid 0) drop no PE, so they count nowhere; the full pass
-  is shared between the features and the attentive weights.
-  """
-  feats = encoder_features(model, feature, params, images)
+               params, images, valid, ids_keep, drop_mask):
+  """Count-weighted position metrics of one held-out batch. Padding rows
+  (valid 0) drop no PE, so they count nowhere."""
   drop_mask = drop_mask & (valid[:, None] > 0)
   _, m = pretrain.masked_loss_fn(params, model, images, ids_keep, drop_mask,
                                  0., cfg)
   dropped = drop_mask.sum()
-  sums = {'pos_acc': m['acc1_unweighted'] * dropped,
+  return {'pos_acc': m['acc1_unweighted'] * dropped,
           'pos_acc_weighted': m['acc1'] * m['weight_sum'],
           'dist_err': m['dist_err'] * dropped,
           'dropped': dropped, 'weight_sum': m['weight_sum']}
-  return feats, sums
+
+
+def knn_metrics(ev: 'OnlineEvaluator', params) -> dict[str, float]:
+  """k-NN top-1 of the held-out images' labels against the bank's."""
+  column = lambda batches, name: [b[name] for b in batches]
+  features = lambda batches: [ev.features_fn(params, b['image'])
+                              for b in batches]
+  correct = ev.knn_fn(
+      features(ev.bank), column(ev.bank, 'label'), column(ev.bank, 'mask'),
+      features(ev.queries), column(ev.queries, 'label'),
+      column(ev.queries, 'mask'))
+  return {'knn_top1': float(correct) / ev.num_queries}
+
+
+def heldout_position_metrics(ev: 'OnlineEvaluator', params) -> dict[str, float]:
+  """Position accuracy (hard labels; and attentive-weighted, as training
+  logs acc1) and grid distance error on the held-out images' PE-dropped
+  tokens, under fixed masks."""
+  outs = jax.device_get([ev.query_fn(params, b['image'], b['mask'],
+                                     b['ids_keep'], b['drop_mask'])
+                         for b in ev.queries])
+  sums = {k: sum(float(o[k]) for o in outs) for k in outs[0]}
+  return {'heldout_pos_acc': sums['pos_acc'] / sums['dropped'],
+          'heldout_pos_acc_weighted': sums['pos_acc_weighted'] / sums['weight_sum'],
+          'heldout_dist_err': sums['dist_err'] / sums['dropped']}
+
+
+# name -> metrics(evaluator, params): the online evaluations a pre-training
+# config chooses in `eval.evaluators`; each reads the evaluator's fixed data.
+ONLINE_EVALUATORS = {
+    'knn': knn_metrics,
+    'heldout_positions': heldout_position_metrics,
+}
 
 
 class OnlineEvaluator:
-  """k-NN top-1 and held-out position accuracy, every `every_steps` steps.
+  """The online evaluations `eval.evaluators` names (ONLINE_EVALUATORS),
+  every `every_steps` steps, on fixed data read once.
 
     evaluator = OnlineEvaluator(config.eval, model=model, obj_cfg=obj_cfg,
                                 mesh=mesh)
     if evaluator.due(step):
       metrics = evaluator.run(state['params'], step)
 
-  `run` returns {'knn_top1', 'heldout_pos_acc' (hard labels, PE-dropped
-  tokens, unweighted), 'heldout_pos_acc_weighted' (attentive weights, as
-  training logs acc1), 'heldout_dist_err' (grid units)} as floats.
+  With the defaults, `run` returns {'knn_top1', 'heldout_pos_acc' (hard
+  labels, PE-dropped tokens, unweighted), 'heldout_pos_acc_weighted'
+  (attentive weights, as training logs acc1), 'heldout_dist_err' (grid
+  units)} as floats. The evaluations read `bank` and `queries` (lists of
+  device batches; the queries carry fixed masks) and the jitted
+  `features_fn`, `query_fn` and `knn_fn`.
   """
 
   def __init__(self, config_eval: ml_collections.ConfigDict, *,
@@ -102,6 +134,11 @@ class OnlineEvaluator:
     c = config_eval
     self.enabled = bool(c.enabled)
     self.every_steps = int(c.every_steps)
+    self.evaluators = tuple(c.evaluators)
+    unknown = [n for n in self.evaluators if n not in ONLINE_EVALUATORS]
+    if unknown or not self.evaluators:
+      raise UserError(f'eval.evaluators={self.evaluators!r}; registered: '
+                      f'{", ".join(ONLINE_EVALUATORS)}.')
     if self.every_steps < 1:
       raise UserError(f'eval.every_steps={c.every_steps} must be >= 1.')
     if c.knn_feature not in FEATURES:
@@ -113,39 +150,44 @@ class OnlineEvaluator:
     if not self.enabled:
       return
     start = time.perf_counter()
+    self._load(c, obj_cfg, mesh)
+    self.features_fn = jax.jit(functools.partial(encoder_features, model,
+                                                 c.knn_feature))
+    self.query_fn = jax.jit(functools.partial(query_step, model, obj_cfg))
+    logging.info('Online eval (%s): %d bank / %d query images, every %d '
+                 'steps (data ready in %.1f s).', ', '.join(self.evaluators),
+                 self.num_bank, self.num_queries, self.every_steps,
+                 time.perf_counter() - start)
+
+  def _load(self, c, obj_cfg: pretrain.ObjectiveConfig,
+            mesh: jax.sharding.Mesh) -> None:
+    """The bank and the queries on the devices, the queries' fixed masks
+    (batch i from fold_in(key(seed), i)) and the k-NN vote."""
     load = lambda data, num: list(device.eval_batches(
-        sources.open_source(data), image_hw=obj_cfg.image_hw, batch_size=c.batch_size,
-        num_examples=num, mesh=mesh))
-    self._bank = load(c.bank_data, c.num_bank_examples)
-    self._queries = load(c.query_data, c.num_query_examples)
-    # Fixed held-out masks: batch i uses fold_in(key(seed), i).
+        sources.open_source(data), image_hw=obj_cfg.image_hw,
+        batch_size=c.batch_size, num_examples=num, mesh=mesh))
+    self.bank = load(c.bank_data, c.num_bank_examples)
+    self.queries = load(c.query_data, c.num_query_examples)
     sample = jax.jit(functools.partial(obj_cfg.masking.sample,
                                        batch_size=c.batch_size,
                                        grid_hw=obj_cfg.grid),
-                     out_shardings=self._queries[0]['image'].sharding)
-    for i, batch in enumerate(self._queries):
+                     out_shardings=self.queries[0]['image'].sharding)
+    for i, batch in enumerate(self.queries):
       batch['ids_keep'], batch['drop_mask'] = sample(
           jax.random.fold_in(jax.random.key(c.seed), i))
     host = lambda batches, name: np.concatenate([
         multihost_utils.process_allgather(b[name], tiled=True)
         for b in batches])
-    num_bank = int(host(self._bank, 'mask').sum())
-    self._num_queries = int(host(self._queries, 'mask').sum())
-    if c.knn_k > num_bank:
-      raise UserError(f'eval.knn_k={c.knn_k} exceeds the {num_bank} bank '
-                       'examples.')
-    num_classes = int(max(host(self._bank, 'label').max(),
-                          host(self._queries, 'label').max())) + 1
-    self._bank_fn = jax.jit(functools.partial(encoder_features, model,
-                                              c.knn_feature))
-    self._query_fn = jax.jit(functools.partial(query_step, model, obj_cfg,
-                                               c.knn_feature))
-    self._knn_fn = jax.jit(functools.partial(
+    self.num_bank = int(host(self.bank, 'mask').sum())
+    self.num_queries = int(host(self.queries, 'mask').sum())
+    if c.knn_k > self.num_bank:
+      raise UserError(f'eval.knn_k={c.knn_k} exceeds the {self.num_bank} bank '
+                      'examples.')
+    num_classes = int(max(host(self.bank, 'label').max(),
+                          host(self.queries, 'label').max())) + 1
+    self.knn_fn = jax.jit(functools.partial(
         knn_correct, k=int(c.knn_k), temperature=float(c.knn_temperature),
         num_classes=num_classes))
-    logging.info('Online eval: %d bank / %d query images, every %d steps '
-                 '(data ready in %.1f s).', num_bank, self._num_queries,
-                 self.every_steps, time.perf_counter() - start)
 
   def due(self, step: int, last_step: int | None = None) -> bool:
     """Every `every_steps` steps, and at `last_step` (the run's end)."""
@@ -156,24 +198,10 @@ class OnlineEvaluator:
     if not self.enabled:
       raise ValueError('The online evaluator is disabled (eval.enabled=False).')
     start = time.perf_counter()
-    bank = [self._bank_fn(params, b['image']) for b in self._bank]
-    outs = [self._query_fn(params, b['image'], b['mask'], b['ids_keep'],
-                           b['drop_mask']) for b in self._queries]
-    column = lambda batches, name: [b[name] for b in batches]
-    correct = self._knn_fn(
-        bank, column(self._bank, 'label'), column(self._bank, 'mask'),
-        [feats for feats, _ in outs], column(self._queries, 'label'),
-        column(self._queries, 'mask'))
-    sums = {k: sum(float(s[k]) for s in jax.device_get([s for _, s in outs]))
-            for k in outs[0][1]}
-    metrics = {
-        'knn_top1': float(correct) / self._num_queries,
-        'heldout_pos_acc': sums['pos_acc'] / sums['dropped'],
-        'heldout_pos_acc_weighted': sums['pos_acc_weighted'] / sums['weight_sum'],
-        'heldout_dist_err': sums['dist_err'] / sums['dropped']}
-    logging.info('[%d] online eval: k-NN top-1 %.1f%%, held-out position '
-                 'top-1 %.1f%% (weighted %.1f%%), %.1f s.', step,
-                 100 * metrics['knn_top1'], 100 * metrics['heldout_pos_acc'],
-                 100 * metrics['heldout_pos_acc_weighted'],
+    metrics = {}
+    for name in self.evaluators:
+      metrics.update(ONLINE_EVALUATORS[name](self, params))
+    logging.info('[%d] online eval: %s, %.1f s.', step, ', '.join(
+        f'{k} {v:.4g}' for k, v in metrics.items()),
                  time.perf_counter() - start)
     return metrics
