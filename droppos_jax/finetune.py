@@ -27,7 +27,7 @@ from droppos_jax import checkpoint, classification, launch, metric_logging
 from droppos_jax import run_policy, settings, sharding, training_loop
 from droppos_jax.data import device, sources, transforms
 from droppos_jax.errors import UserError
-from droppos_jax.models import vit
+from droppos_jax.models import architecture, vit
 
 FIELDS = metric_logging.CLASSIFICATION_FIELDS
 
@@ -113,6 +113,8 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
           donate_argnums=(0,)),
       flops_per_example=model.flops_per_example(hw),
       description=f'{config.protocol} {config.model.variant}',
+      architecture=architecture.of_encoder(model.encoder,
+                                           num_classes=num_classes),
       model=model, num_classes=num_classes, augment=augment, image_hw=hw,
       init_with=init,
       eval_step=jax.jit(classification.make_eval_step(model, num_classes),

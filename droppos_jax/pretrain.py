@@ -215,6 +215,7 @@ class Objective:
   (state, images) -> (state, metrics) and its analytic FLOPs per example."""
   title: str                      # for people: 'DropPos'
   build_model: Callable[..., Any]
+  architecture: Callable[..., Any]  # (model block, image_hw) -> Architecture
   settings: Callable[..., Any]
   init_params: Callable[..., Any]
   make_train_step: Callable[..., Any]
@@ -225,6 +226,7 @@ class Objective:
 OBJECTIVES = {
     'droppos': Objective(
         title='DropPos', build_model=droppos_model.droppos_from_model_config,
+        architecture=droppos_model.architecture_from_config,
         settings=objective_from_config, init_params=init_params,
         make_train_step=make_train_step, flops_per_example=flops_per_example),
 }

@@ -43,7 +43,7 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
       device_resize_window=config.device_resize_window)
   augment.check_size(hw)
   objective_lib = pretrain.objective(config.objective.name)
-  model = objective_lib.build_model(config.model, platform)
+  model = objective_lib.build_model(config.model, platform, hw)
   if config.grad_accum_steps < 1:
     raise UserError(f'grad_accum_steps={config.grad_accum_steps} must be >= 1.')
   sharding.check_batch_divides(config.batch_size, mesh)
@@ -81,6 +81,7 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
                          out_shardings=(state_sh, None), donate_argnums=(0,)),
       flops_per_example=objective_lib.flops_per_example(model, objective),
       description=f'{objective_lib.title} {config.model.variant}',
+      architecture=objective_lib.architecture(config.model, hw),
       model=model, objective=objective, augment=augment)
 
 

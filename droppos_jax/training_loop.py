@@ -40,6 +40,7 @@ class Setup:
   train_step: Any                 # jitted, donating the state
   flops_per_example: int          # analytic matmul FLOPs of one example
   description: str                # e.g. 'DropPos B/16' (the planner's title)
+  architecture: Any               # models.architecture.Architecture
 
   def compile(self):
     return self.train_step.lower(self.abstract_state, self.batch_spec).compile()
@@ -166,7 +167,9 @@ def run(config, workdir: str, run_: run_policy.Run, s: Setup,
       if save:
         recorder.flush()
         last_eval = evals[max(evals)] if evals else {}
-        run_.save(step, state, hooks.meta(logger.last, last_eval, metrics))
+        run_.save(step, state, {
+            'architecture': s.architecture.to_dict(),
+            **hooks.meta(logger.last, last_eval, metrics)})
       if run_.stopped:
         break
     recorder.flush()

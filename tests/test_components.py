@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from droppos_jax import masking, train
 from droppos_jax.configs import demo as demo_config
-from droppos_jax.models import convert, droppos, weights
+from droppos_jax.models import architecture, convert, droppos, weights
 import param_checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def test_linear_head_gives_position_logits_and_converts_both_ways():
 
 @pytest.mark.slow
 def test_demo_with_block_masking_and_linear_head_from_the_command_line(
-    tmp_path):
+    tmp_path, monkeypatch):
   """No code change: the demo config, block masking and the linear head
   chosen by --config, trains and evaluates; the run exports and reads back
   with its head."""
@@ -69,6 +69,14 @@ def test_demo_with_block_masking_and_linear_head_from_the_command_line(
   assert export.returncode == 0, export.stderr[-3000:]
   assert {k for k in load_file(str(out)) if k.startswith('decoder')} == {
       'decoder_pred.weight', 'decoder_pred.bias'}
+  # The run's own checkpoints carry their architecture: no shape inference.
+  def inferred(*args, **kwargs):
+    raise AssertionError('the architecture of our checkpoint was inferred')
+  monkeypatch.setattr(convert, 'flax_config', inferred)
+  w = weights.read(str(tmp_path / 'run'))
+  assert w.meta['architecture'] == w.arch.to_dict()
+  assert w.arch.projector == architecture.ProjectorSize(None, 0, None, 16,
+                                                        'linear')
   for path in (tmp_path / 'run', out):
     w = weights.read(str(path))
     assert (w.kind, w.arch.projector.head) == ('droppos', 'linear')

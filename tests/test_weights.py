@@ -18,7 +18,8 @@ import pytest
 from droppos_jax import checkpoint, classification, export, pictures
 from droppos_jax.errors import UserError
 from droppos_jax.evaluators import position_probe
-from droppos_jax.models import classifier, convert, droppos, vit, weights
+from droppos_jax.models import architecture, classifier, convert, droppos, vit
+from droppos_jax.models import weights
 import param_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def test_reader_reads_every_format_of_every_kind(sources, kind, fmt):
   assert (a.width, a.depth, a.mlp_dim, a.num_heads, a.patch_size) == (
       32, 2, 128, 2, 8) and a.variant == 'mu/8'
   if kind == 'droppos':
-    assert a.projector == weights.ProjectorSize(64, 1, 4, 16)
+    assert a.projector == architecture.ProjectorSize(64, 1, 4, 16)
     np.testing.assert_array_equal(w.mask_pos_token, params['mask_pos_token'])
   else:
     assert a.projector is None and w.mask_pos_token is None

@@ -7,14 +7,14 @@ names `decoder_embed`, `decoder_blocks.{i}`, `decoder_norm`, `decoder_pred`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from droppos_jax.errors import UserError
-from droppos_jax.models import vit
+from droppos_jax.models import architecture, vit
 
 # name -> (width, depth, num_heads); the paper's projector is 'default'.
 PROJECTORS = {
@@ -199,38 +199,71 @@ def attentive_dtype(name: str, model_dtype: Any,
   return vit.compute_dtype(name)
 
 
-def droppos_from_model_config(m: Any, platform: Optional[str] = None) -> DropPos:
+def architecture_from_config(m: Any, image_hw: Optional[Sequence[int]] = None
+                             ) -> architecture.Architecture:
+  """The Architecture a config's `model` block names (or the copy a
+  checkpoint's meta keeps: older copies lack `head`), its position count
+  from `image_hw` (None: unknown)."""
+  size = vit.decode_variant(m['variant'])
+  head = m.get('head', 'transformer')
+  if head not in POSITION_HEADS:
+    raise UserError(f'model.head={head!r}; registered: '
+                    f'{", ".join(POSITION_HEADS)}.')
+  built = POSITION_HEADS[head](
+      m['projector'], width=m['projector_width'], depth=m['projector_depth'],
+      num_heads=m['projector_heads'])
+  grid = image_hw and vit.grid_size(image_hw, size.patch_size)
+  return architecture.Architecture(
+      size.width, size.depth, size.mlp_dim, size.num_heads, size.patch_size,
+      projector=architecture.ProjectorSize(
+          getattr(built, 'width', None), getattr(built, 'depth', 0),
+          getattr(built, 'num_heads', None), grid and grid[0] * grid[1], head))
+
+
+def build(arch: architecture.Architecture, *, dtype: Any = jnp.float32,
+          remat: bool = False, attentive_dtype: Any = None,
+          attention: str = 'auto') -> DropPos:
+  """The one constructor of DropPos: the encoder and position head of
+  `arch`, computing in `dtype` (`attention`: vit.attention_implementation's
+  setting; `attentive_dtype`: the attentive pass's, None: `dtype`)."""
+  p = arch.projector
+  vit.attention_implementation(attention, dtype)  # validates the name
+  # A head without a width (the linear one) has no sizes.
+  sizes = {} if p.width is None else dict(width=p.width, depth=p.depth,
+                                          num_heads=p.num_heads)
+  return DropPos(
+      encoder=arch.vit(dtype=dtype, remat=remat, attention=attention),
+      projector=POSITION_HEADS[p.head](dtype=dtype, attention=attention,
+                                       **sizes),
+      attentive_dtype=attentive_dtype)
+
+
+def droppos_from_model_config(m: Any, platform: Optional[str] = None,
+                              image_hw: Optional[Sequence[int]] = None
+                              ) -> DropPos:
   """From a config's `model` block, or the copy a checkpoint's meta keeps
   (older copies lack head, attentive_dtype and attention: their defaults).
   `platform` resolves the 'auto' attentive dtype (default:
   jax.default_backend())."""
   dtype = vit.compute_dtype(m['dtype'])
-  return droppos_from_config(
-      m['variant'], m['projector'], head=m.get('head', 'transformer'),
-      dtype=dtype, remat=m['remat'],
+  return build(
+      architecture_from_config(m, image_hw), dtype=dtype, remat=m['remat'],
       attentive_dtype=attentive_dtype(m.get('attentive_dtype', 'auto'), dtype,
                                       platform),
-      attention=m.get('attention', 'auto'), width=m['projector_width'],
-      depth=m['projector_depth'], num_heads=m['projector_heads'])
+      attention=m.get('attention', 'auto'))
 
 
 def droppos_from_config(variant: str, projector: str = 'default', *,
                         head: str = 'transformer', dtype: Any = jnp.float32,
                         remat: bool = False, attentive_dtype: Any = None,
-                        attention: str = 'auto',
-                        **projector_overrides: Any) -> DropPos:
-  """DropPos by names: `variant` like 'B/16', `head` from POSITION_HEADS
-  sized by `projector` (a PROJECTORS name) and `projector_overrides`
-  (width/depth/num_heads); `attention` is vit.attention_implementation's
-  setting."""
-  if head not in POSITION_HEADS:
-    raise UserError(f'model.head={head!r}; registered: '
-                    f'{", ".join(POSITION_HEADS)}.')
-  vit.attention_implementation(attention, dtype)  # validates the name
-  position_head = POSITION_HEADS[head](projector, dtype=dtype,
-                                       attention=attention,
-                                       **projector_overrides)
-  encoder = vit.vit_from_variant(variant, dtype=dtype, remat=remat,
-                                 attention=attention)
-  return DropPos(encoder=encoder, projector=position_head,
-                 attentive_dtype=attentive_dtype)
+                        attention: str = 'auto', width: Optional[int] = None,
+                        depth: Optional[int] = None,
+                        num_heads: Optional[int] = None) -> DropPos:
+  """DropPos by names, as a config's `model` block gives them: `variant`
+  like 'B/16', `head` from POSITION_HEADS sized by `projector` (a PROJECTORS
+  name) and width/depth/num_heads."""
+  arch = architecture_from_config(dict(
+      variant=variant, head=head, projector=projector, projector_width=width,
+      projector_depth=depth, projector_heads=num_heads))
+  return build(arch, dtype=dtype, remat=remat, attentive_dtype=attentive_dtype,
+               attention=attention)

@@ -32,12 +32,11 @@ from typing import Any, Mapping, Optional
 
 from absl import logging
 from etils import epath
-import jax.numpy as jnp
 import numpy as np
 
 from droppos_jax import checkpoint
 from droppos_jax.errors import UserError
-from droppos_jax.models import convert
+from droppos_jax.models import architecture, convert
 from droppos_jax.models import droppos as droppos_lib
 from droppos_jax.models import vit
 
@@ -54,42 +53,6 @@ PRODUCER = 'droppos_jax'
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectorSize:
-  """The position head: its droppos.POSITION_HEADS name and sizes (None
-  where the head has none)."""
-  width: Optional[int]
-  depth: int
-  num_heads: Optional[int]
-  num_positions: int
-  head: str = 'transformer'
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-  """Sizes of the weights. num_heads is not stored in weights: it comes from
-  the run config, our file metadata, the size table by width, or None."""
-  width: int
-  depth: int
-  mlp_dim: int
-  num_heads: Optional[int]
-  patch_size: int
-  in_chans: int = 3
-  projector: Optional[ProjectorSize] = None    # DropPos only
-  num_classes: Optional[int] = None            # classifiers and linear probes
-
-  @property
-  def variant(self) -> Optional[str]:
-    """'B/16'-style name when the encoder is a size of vit.VARIANTS."""
-    for name, size in vit.VARIANTS.items():
-      if size == (self.width, self.depth, self.mlp_dim, self.num_heads):
-        return f'{name}/{self.patch_size}'
-    return None
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
 class Weights:
   """What `read` found. `params` is the tree of `kind` in our naming:
   'droppos' {'encoder', 'mask_pos_token', 'projector'}, 'classifier'
@@ -97,7 +60,7 @@ class Weights:
   fc_norm), 'linear_probe' {'encoder', 'head'}, 'encoder' the ViT itself."""
   kind: str
   params: dict[str, Any]
-  arch: Architecture
+  arch: architecture.Architecture
   image_hw: Optional[tuple[int, int]]   # trained at; None if unknown
   mask_pos_token: Optional[np.ndarray]  # [1, 1, D], DropPos only
   batch_stats: Optional[dict[str, Any]]  # linear probe: {'head_norm': ...}
@@ -156,13 +119,12 @@ class Weights:
 
   def vit(self, **kwargs: Any) -> vit.VisionTransformer:
     """The VisionTransformer these encoder params fit."""
-    a = self.arch
-    if a.num_heads is None:
+    if self.arch.num_heads is None:
       raise UserError(
-          f'{self.source}: width {a.width} is not a width of vit.VARIANTS and '
-          'weights do not store the number of heads: set model.num_heads.')
-    return vit.VisionTransformer(a.width, a.depth, a.mlp_dim, a.num_heads,
-                                 a.patch_size, **kwargs)
+          f'{self.source}: width {self.arch.width} is not a width of '
+          'vit.VARIANTS and weights do not store the number of heads: set '
+          'model.num_heads.')
+    return self.arch.vit(**kwargs)
 
   def droppos(self, **kwargs: Any) -> droppos_lib.DropPos:
     """The DropPos model these params fit (kind 'droppos' only)."""
@@ -173,12 +135,8 @@ class Weights:
     if p.width is not None and p.num_heads is None:
       raise UserError(f'{self.source}: projector width {p.width} is not in '
                       'droppos.PROJECTORS, so its number of heads is unknown.')
-    # A head without a width (the linear one) has no sizes.
-    sizes = {} if p.width is None else dict(width=p.width, depth=p.depth,
-                                            num_heads=p.num_heads)
-    return droppos_lib.DropPos(
-        self.vit(**kwargs), droppos_lib.POSITION_HEADS[p.head](
-            dtype=kwargs.get('dtype', jnp.float32), **sizes))
+    self.vit()  # the encoder's heads are known
+    return droppos_lib.build(self.arch, **kwargs)
 
 
 def read(path: str | epath.Path, *, what: str = 'weights',
@@ -255,14 +213,9 @@ def _run_kind(params, meta) -> str:
   return kind
 
 
-def _from_step(step_dir: epath.Path, num_heads) -> Weights:
-  """Weights of one complete step; damage raises (newest_readable decides)."""
-  tree, meta = checkpoint.read_step(step_dir)
-  params = tree['params']
-  kind = _run_kind(params, meta)
-  for key in ('model', 'image_hw'):
-    if key not in meta:
-      raise ValueError(f'meta/metadata has no {key!r}')
+def _legacy_architecture(params, kind: str, meta, num_heads):
+  """The architecture of a checkpoint whose meta names only the config's
+  model block: sizes from its params' shapes, checked against the block."""
   cfg = convert.flax_config(params, kind)
   variant = vit.decode_variant(meta['model']['variant'])
   if (variant.width, variant.depth, variant.patch_size) != (
@@ -272,15 +225,31 @@ def _from_step(step_dir: epath.Path, num_heads) -> Weights:
                      f'{cfg["depth"]}, patch {cfg["patch_size"]}')
   projector = None
   if kind == 'droppos':
-    model = droppos_lib.droppos_from_model_config(
-        dict(meta['model'], dtype='float32', remat=False))
-    p = cfg['projector']
-    projector = ProjectorSize(
-        p['width'], p['depth'], getattr(model.projector, 'num_heads', None),
-        p['num_positions'], meta['model'].get('head', 'transformer'))
-  arch = Architecture(
+    named = droppos_lib.architecture_from_config(
+        meta['model'], meta['image_hw']).projector
+    projector = dataclasses.replace(
+        named, width=cfg['projector']['width'],
+        depth=cfg['projector']['depth'],
+        num_positions=cfg['projector']['num_positions'])
+  return architecture.Architecture(
       cfg['width'], cfg['depth'], cfg['mlp_dim'], num_heads or variant.num_heads,
       cfg['patch_size'], cfg['in_chans'], projector, cfg.get('num_classes'))
+
+
+def _from_step(step_dir: epath.Path, num_heads) -> Weights:
+  """Weights of one complete step; damage raises (newest_readable decides)."""
+  tree, meta = checkpoint.read_step(step_dir)
+  params = tree['params']
+  kind = _run_kind(params, meta)
+  for key in ('model', 'image_hw'):
+    if key not in meta:
+      raise ValueError(f'meta/metadata has no {key!r}')
+  if 'architecture' in meta:
+    arch = architecture.Architecture.from_dict(meta['architecture'])
+    if num_heads:
+      arch = dataclasses.replace(arch, num_heads=num_heads)
+  else:  # saved before checkpoints kept their architecture
+    arch = _legacy_architecture(params, kind, meta, num_heads)
   folder = step_dir.parent
   return Weights(
       kind=kind, params=params, arch=arch,
@@ -358,10 +327,10 @@ def _read_file(path: epath.Path, what: str, num_heads) -> Weights:
   if cfg['grid'] is not None and image_hw is None:
     image_hw = tuple(g * cfg['patch_size'] for g in cfg['grid'])
   p = cfg.get('projector') if kind == 'droppos' else None
-  arch = Architecture(
+  arch = architecture.Architecture(
       cfg['width'], cfg['depth'], cfg['mlp_dim'], cfg['num_heads'],
       cfg['patch_size'], cfg['in_chans'],
-      ProjectorSize(**p) if p else None, cfg.get('num_classes'))
+      architecture.ProjectorSize(**p) if p else None, cfg.get('num_classes'))
   batch_stats = None
   if kind == 'linear_probe':
     batch_stats = {'head_norm': params.pop('head_norm')}
