@@ -125,7 +125,7 @@ def markdown(table: list[Row], results: dict[str, dict]) -> str:
       'and bfloat16 rows differ in memory, not in time, here). Memory per '
       'chip is arguments + temporaries + outputs - aliased (donated state); '
       '"state" is the parameters and AdamW moments each chip holds. '
-      'Analytic FLOPs: `droppos_jax.pretrain.flops_per_example` (matmuls '
+      'Analytic FLOPs: `droppos_jax.objectives.droppos.flops_per_example` (matmuls '
       'only; 3x forward for the trained passes, 1x for the attentive pass).',
       '',
       '| model | topology (chips) | mesh | dtype | memory/chip GiB (state) '

@@ -10,8 +10,8 @@ and AdamW (b1 .9, b2 .95, weight decay .05 on tensors with ndim > 1, warm-up +
 cosine lr), the paper's projector (width 512, depth 2, 16 heads). The authors'
 side is the torch model of tests/torch_reference.py, run as their code runs
 it: a second full forward pass for the attentive weights, AdamW over the two
-weight-decay groups. Ours is droppos_jax.pretrain.make_train_step, which
-embeds the patches once for both passes, stops the attentive pass's last
+weight-decay groups. Ours is droppos_jax.objectives.droppos.make_train_step,
+which embeds the patches once for both passes, stops the attentive pass's last
 block after the visible tokens and drops the projector's [cls] row.
 
 Each side runs in its own process (this script again, with --side), the two
@@ -152,12 +152,13 @@ def build_jax_step(shapes: Shapes):
   import jax.numpy as jnp
   import ml_collections
 
-  from droppos_jax import optim, pretrain
+  from droppos_jax import optim
+  from droppos_jax.objectives import droppos as droppos_objective
 
   model = droppos.droppos_from_config(shapes.variant, PROJECTOR,
                                       dtype=jnp.float32)
   hw = (shapes.image_size,) * 2
-  cfg = pretrain.ObjectiveConfig(
+  cfg = droppos_objective.ObjectiveConfig(
       image_hw=hw, patch_size=shapes.size.patch_size,
       masking=masking.Masking('random', 0.75, 0.75), tau=TAU, sigma=SIGMA)
   lr = optim.lr_schedule(PEAK_LR, total_steps=LR_TOTAL, warmup_steps=LR_WARMUP)
@@ -170,7 +171,7 @@ def build_jax_step(shapes: Shapes):
   params = jax.jit(init)(jax.random.key(2))  # one compile, not one per op
   state = {'step': jnp.int32(0), 'params': params,
            'opt_state': jax.jit(tx.init)(params)}
-  train_step = pretrain.make_train_step(model, tx, cfg, lr_fn=lr, seed=0)
+  train_step = droppos_objective.make_train_step(model, tx, cfg, lr_fn=lr, seed=0)
   compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, images).compile()
   return compiled, state, images
 

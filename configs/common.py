@@ -89,7 +89,7 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
       # precision, XLA elsewhere; or 'xla' / 'cudnn'.
       attention='auto'))
   c.masking = masking_config()
-  # `name`: a registered objective (droppos_jax.pretrain.OBJECTIVES).
+  # `name`: a registered objective (droppos_jax.objectives.OBJECTIVES).
   c.objective = ml_collections.ConfigDict(dict(
       name='droppos', attentive=True, tau=0.1, sigma=1.0, sigma_schedule='linear_epoch',
       official_quirks=False))
@@ -100,7 +100,7 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
   # hosts that cannot keep up (the log's data wait); see the README.
   c.device_resize_window = 0
   c.batch_size = 4096             # global, over all devices and hosts
-  c.grad_accum_steps = 1          # micro-batches per step (exact, see pretrain.py)
+  c.grad_accum_steps = 1          # micro-batches per step (exact, see objectives/droppos.py)
   c.epochs = 800
   c.warmup_epochs = 40
   c.num_train_steps = -1          # > 0 overrides epochs (smoke runs)

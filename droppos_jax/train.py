@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from droppos_jax import checkpoint, launch, metric_logging, optim, pretrain
+from droppos_jax import checkpoint, launch, metric_logging, objectives, optim
 from droppos_jax import run_policy, settings, sharding, training_loop
 from droppos_jax.data import device, sources, transforms
 from droppos_jax.errors import UserError
@@ -30,7 +30,7 @@ class Setup(training_loop.Setup):
   """Pre-training's step (training_loop.Setup) and the parts it is built
   from."""
   model: Any                      # the objective's model
-  objective: Any                  # its settings (pretrain.ObjectiveConfig)
+  objective: Any                  # its settings (droppos's ObjectiveConfig)
   augment: transforms.TrainAugment
 
 
@@ -42,7 +42,7 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   augment = transforms.TrainAugment(
       device_resize_window=config.device_resize_window)
   augment.check_size(hw)
-  objective_lib = pretrain.objective(config.objective.name)
+  objective_lib = objectives.objective(config.objective.name)
   model = objective_lib.build_model(config.model, platform, hw)
   if config.grad_accum_steps < 1:
     raise UserError(f'grad_accum_steps={config.grad_accum_steps} must be >= 1.')

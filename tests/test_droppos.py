@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from droppos_jax import losses, masking, pretrain, settings
+from droppos_jax import losses, masking, settings
+from droppos_jax.objectives import droppos as droppos_objective
 from droppos_jax.models import convert, droppos, vit
 
 PAPER_MASKING = masking.Masking('random', 0.75, 0.75)
-CFG = pretrain.ObjectiveConfig(image_hw=(16, 32), patch_size=8,
+CFG = droppos_objective.ObjectiveConfig(image_hw=(16, 32), patch_size=8,
                                masking=PAPER_MASKING)  # 2x4 grid
 MODEL = droppos.droppos_from_config('mu/8', 'tiny')
 
@@ -20,7 +21,7 @@ MODEL = droppos.droppos_from_config('mu/8', 'tiny')
 def loss_fn(params, model, images, key, sigma, cfg):
   """(loss, metrics) with masks drawn from `key`."""
   ids_keep, drop_mask = cfg.masking.sample(key, images.shape[0], cfg.grid)
-  return pretrain.masked_loss_fn(params, model, images, ids_keep, drop_mask,
+  return droppos_objective.masked_loss_fn(params, model, images, ids_keep, drop_mask,
                                  sigma, cfg)
 
 
@@ -63,7 +64,7 @@ def test_gradients_reach_mask_token_and_not_through_attentive_pass(setup):
   assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
   # With attentive weights computed from the same params, the objective's
   # gradient equals the gradient of the loss with weights held constant.
-  cfg_plain = pretrain.ObjectiveConfig(image_hw=(16, 32), patch_size=8,
+  cfg_plain = droppos_objective.ObjectiveConfig(image_hw=(16, 32), patch_size=8,
                                        masking=PAPER_MASKING, attentive=False)
   loss_w, _ = loss_fn(params, MODEL, images, jax.random.key(2), 1.0, CFG)
   loss_u, _ = loss_fn(params, MODEL, images, jax.random.key(2), 1.0,
@@ -86,13 +87,13 @@ def test_objective_matches_torch_reference():
   params, _ = convert.torch_to_flax(state, kind='droppos', projector_num_heads=2)
   model = droppos.DropPos(vit.VisionTransformer(32, 2, 128, 2, patch),
                           droppos.Projector(16, 2, 2))
-  cfg = pretrain.ObjectiveConfig(image_hw=hw, patch_size=patch,
+  cfg = droppos_objective.ObjectiveConfig(image_hw=hw, patch_size=patch,
                                  masking=PAPER_MASKING, tau=tau)
   images = np.random.default_rng(0).normal(size=(4, *hw, 3)).astype(np.float32)
   ids_keep, drop_mask = cfg.masking.sample(jax.random.key(0), 4, cfg.grid)
 
   (loss, _), grads = jax.jit(
-      jax.value_and_grad(pretrain.masked_loss_fn, has_aux=True),
+      jax.value_and_grad(droppos_objective.masked_loss_fn, has_aux=True),
       static_argnums=(1, 6))(params, model, images, ids_keep, drop_mask, sigma,
                              cfg)
   out = model.apply({'params': params}, images, ids_keep, drop_mask,
@@ -201,10 +202,10 @@ def test_training_sized_call_compiles_once(setup):
 
 def test_objective_config_rejects_bad_settings():
   with pytest.raises(ValueError, match='must divide the image size'):
-    pretrain.ObjectiveConfig(image_hw=(30, 32), patch_size=8,
+    droppos_objective.ObjectiveConfig(image_hw=(30, 32), patch_size=8,
                              masking=PAPER_MASKING)
   with pytest.raises(ValueError, match='tau=0'):
-    pretrain.ObjectiveConfig(image_hw=(32, 32), patch_size=8,
+    droppos_objective.ObjectiveConfig(image_hw=(32, 32), patch_size=8,
                              masking=PAPER_MASKING, tau=0.)
   with pytest.raises(ValueError, match='mask_ratio=1.2'):
     masking.Masking('random', 1.2, 0.75)
@@ -215,7 +216,7 @@ def test_objective_config_rejects_bad_settings():
 def test_objective_from_config_carries_sigma_schedule_and_quirks():
   from droppos_jax.configs import pretrain as pretrain_config
   c = pretrain_config.get_config('variant=B/16,epochs=800')
-  objective = lambda c: pretrain.objective_from_config(
+  objective = lambda c: droppos_objective.objective_from_config(
       c, image_hw=(224, 224), patch_size=16, schedule=settings.Schedule(
           steps_per_epoch=10, total_steps=8000, warmup_steps=0, peak_lr=1.,
           min_lr=0.))

@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from droppos_jax import masking, pretrain, sharding
+from droppos_jax import masking, sharding
+from droppos_jax.objectives import droppos as droppos_objective
 from droppos_jax.data import demo
 from droppos_jax.configs import common
 from droppos_jax.evaluators import online
 from droppos_jax.models import droppos as droppos_model
 
-OBJ = pretrain.ObjectiveConfig(image_hw=(32, 32), patch_size=8,
+OBJ = droppos_objective.ObjectiveConfig(image_hw=(32, 32), patch_size=8,
                                masking=masking.Masking('random', 0.75, 0.75))
 
 
@@ -98,7 +99,7 @@ def test_metrics_in_range_compiled_once_and_exact(monkeypatch):
   # images with the same fixed masks (padding excluded exactly).
   queries = evaluator.queries
   real = lambda name: np.concatenate([b[name] for b in queries])[:20]
-  _, want = jax.jit(pretrain.masked_loss_fn, static_argnums=(1, 6))(
+  _, want = jax.jit(droppos_objective.masked_loss_fn, static_argnums=(1, 6))(
       jax.device_get(params), model, real('image'), real('ids_keep'),
       real('drop_mask'), 0., OBJ)
   np.testing.assert_allclose(metrics['heldout_pos_acc'], want['acc1_unweighted'],

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from droppos_jax import pretrain
+from droppos_jax.objectives import droppos as droppos_objective
 from droppos_jax.data import device, sources
 from droppos_jax.errors import UserError
 from droppos_jax.models import droppos as droppos_model
@@ -64,12 +64,12 @@ def encoder_features(model: droppos_model.DropPos, feature: str, params,
   return cls if feature == 'cls' else patches.mean(axis=1)
 
 
-def query_step(model: droppos_model.DropPos, cfg: pretrain.ObjectiveConfig,
+def query_step(model: droppos_model.DropPos, cfg: droppos_objective.ObjectiveConfig,
                params, images, valid, ids_keep, drop_mask):
   """Count-weighted position metrics of one held-out batch. Padding rows
   (valid 0) drop no PE, so they count nowhere."""
   drop_mask = drop_mask & (valid[:, None] > 0)
-  _, m = pretrain.masked_loss_fn(params, model, images, ids_keep, drop_mask,
+  _, m = droppos_objective.masked_loss_fn(params, model, images, ids_keep, drop_mask,
                                  0., cfg)
   dropped = drop_mask.sum()
   return {'pos_acc': m['acc1_unweighted'] * dropped,
@@ -129,7 +129,7 @@ class OnlineEvaluator:
   """
 
   def __init__(self, config_eval: ml_collections.ConfigDict, *,
-               model: droppos_model.DropPos, obj_cfg: pretrain.ObjectiveConfig,
+               model: droppos_model.DropPos, obj_cfg: droppos_objective.ObjectiveConfig,
                mesh: jax.sharding.Mesh):
     c = config_eval
     self.enabled = bool(c.enabled)
@@ -159,7 +159,7 @@ class OnlineEvaluator:
                  self.num_bank, self.num_queries, self.every_steps,
                  time.perf_counter() - start)
 
-  def _load(self, c, obj_cfg: pretrain.ObjectiveConfig,
+  def _load(self, c, obj_cfg: droppos_objective.ObjectiveConfig,
             mesh: jax.sharding.Mesh) -> None:
     """The bank and the queries on the devices, the queries' fixed masks
     (batch i from fold_in(key(seed), i)) and the k-NN vote."""

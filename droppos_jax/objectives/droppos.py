@@ -1,9 +1,10 @@
-"""The DropPos pre-training objective for one batch: masks, attentive pass,
-masked pass and loss, as one pure function that jit can compile once."""
+"""The DropPos pre-training objective (arXiv 2309.03576): masks, attentive
+pass, masked pass and loss for one batch, as one pure function that jit can
+compile once; its train step and analytic FLOPs."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -205,35 +206,3 @@ def init_params(model: droppos_model.DropPos, key: jax.Array,
   return model.init(key, jnp.zeros((1, *image_hw, 3)),
                     jnp.zeros((1, 1), jnp.int32),
                     jnp.ones((1, 1), bool))['params']
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  """A pre-training objective, chosen by `config.objective.name`: how its
-  model is built from the `model` block (and the platform the step runs on),
-  its static settings from the config, its parameters, its train step
-  (state, images) -> (state, metrics) and its analytic FLOPs per example."""
-  title: str                      # for people: 'DropPos'
-  build_model: Callable[..., Any]
-  architecture: Callable[..., Any]  # (model block, image_hw) -> Architecture
-  settings: Callable[..., Any]
-  init_params: Callable[..., Any]
-  make_train_step: Callable[..., Any]
-  flops_per_example: Callable[..., int]
-
-
-# name -> Objective.
-OBJECTIVES = {
-    'droppos': Objective(
-        title='DropPos', build_model=droppos_model.droppos_from_model_config,
-        architecture=droppos_model.architecture_from_config,
-        settings=objective_from_config, init_params=init_params,
-        make_train_step=make_train_step, flops_per_example=flops_per_example),
-}
-
-
-def objective(name: str) -> Objective:
-  if name not in OBJECTIVES:
-    raise UserError(f'objective.name={name!r}; registered: '
-                    f'{", ".join(OBJECTIVES)}.')
-  return OBJECTIVES[name]
