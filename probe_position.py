@@ -2,7 +2,7 @@
 
 `python probe_position.py --help` lists its flags.
 """
-from droppos_jax.probe_position import main
+from droppos_jax import cli  # stdlib only: SIGTERM is taken over first
 
 if __name__ == '__main__':
-  main()
+  cli.probe_position()

@@ -28,6 +28,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils
 import tensorstore as ts
 
 from droppos_jax.errors import UserError
+from droppos_jax.formatting import one_line
 
 T = TypeVar('T')
 # How long a failed read or write waits for Orbax's other reads and writes.
@@ -214,7 +215,7 @@ def check_step_files(step_dir: str | epath.Path) -> dict[str, str]:
       return ts.ocdbt.dump(kvstore, location).result()
     except ValueError as e:
       raise DamagedCheckpoint(f'file {name(path)} is unreadable '
-                              f'({_one_line(e)})') from None
+                              f'({one_line(e)})') from None
 
   def check(location: str) -> str:
     kind, base, rel, offset, length = _LOCATION.match(location).groups()
@@ -285,23 +286,12 @@ def _chain(error: BaseException) -> list[BaseException]:
   return chain
 
 
-def _one_line(error: BaseException) -> str:
-  if isinstance(error, DamagedCheckpoint):
-    return str(error)
-  text = (str(error).strip().splitlines() or [''])[0]
-  text = text.split(' [tensorstore_spec=')[0]
-  if len(text) > 240:
-    text = text[:240] + '...'
-  return f'{type(error).__name__}: {text}' if text else type(error).__name__
-
-
 def unreadable_reason(error: BaseException) -> str:
   """One short line saying why reading failed: the damage found, else the
-  innermost cause (Orbax wraps TensorStore's message in a bare Exception),
-  without its spec dump."""
+  innermost cause (Orbax wraps TensorStore's message in a bare Exception)."""
   chain = _chain(error)
-  return _one_line(next((e for e in chain if isinstance(e, DamagedCheckpoint)),
-                        chain[-1]))
+  damage = [e for e in chain if isinstance(e, DamagedCheckpoint)]
+  return str(damage[0]) if damage else one_line(chain[-1])
 
 
 # TensorStore reports storage failures as ValueErrors led by these statuses.
@@ -316,7 +306,7 @@ def write_failure(error: BaseException) -> Optional[str]:
   for e in _chain(error):
     if isinstance(e, OSError) or (isinstance(e, ValueError) and str(e).startswith(
         tuple(f'{status}: ' for status in STORAGE_STATUSES))):
-      return _one_line(e)
+      return one_line(e)
   return None
 
 

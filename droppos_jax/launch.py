@@ -1,12 +1,12 @@
-r"""One launcher for every command: the same flags, multi-host start-up and
-exit statuses.
+r"""The command line every command shares: its flags, its config file, and
+the runner that turns its outcome into an exit status (exit_codes.py).
 
   python train.py --config configs/demo.py --workdir runs/demo
   droppos-train --config demo --workdir runs/demo      # after `pip install .`
 
 Every command takes `--config` (a config file `path.py[:arg]`, or the name of
 a packaged config such as `demo`), `--config.<field>=<value>` overrides, its
-output location, and the multi-host flags:
+output location, and the multi-host flags (multihost.py):
 
   --distributed=auto|yes|no   auto: start jax.distributed when a cluster is
                               detected (coordinator address set, Cloud TPU pod,
@@ -14,20 +14,6 @@ output location, and the multi-host flags:
   --coordinator_address=host:port   (or JAX_COORDINATOR_ADDRESS)
   --num_processes=N                 (or JAX_NUM_PROCESSES)
   --process_id=i                    (or JAX_PROCESS_ID)
-
-On Cloud TPU pods and under SLURM the three are detected; elsewhere give all
-three on every process.
-
-Exit statuses:
-  0    done (or the run was already complete)
-  1    a mistake in the input, printed as one line `error: ...`
-  75   stopped by a preemption notice (SIGTERM, or the pod's own) after every
-       host saved the same step (a notice during restore or compilation:
-       after the first step), or at once if it came before the run started
-       (nothing to save): requeue and rerun the same command to resume
-       (EX_TEMPFAIL; e.g. SLURM `--requeue`, or a retry loop on status 75)
-  130  stopped by Ctrl-C (SIGINT) after saving, or before training started;
-       rerun to resume
 """
 from __future__ import annotations
 
@@ -37,27 +23,19 @@ import importlib.util
 import logging as std_logging
 import os
 import re
-import signal
 import sys
-import threading
 from typing import Any, Callable, Optional, Sequence
 
 from absl import app, flags, logging
-from etils import epath
 import jax
 from ml_collections import config_flags
 
+from droppos_jax import multihost
 from droppos_jax.errors import UserError
-
-EXIT_USER_ERROR = 1
-EXIT_PREEMPTED = 75
-EXIT_INTERRUPTED = 130
-# How a run that stopped early reports it (the 'stopped' entry of its result).
-STOP_STATUSES = {'preempted': EXIT_PREEMPTED, 'interrupted': EXIT_INTERRUPTED}
-
-DISTRIBUTED_MODES = ('auto', 'yes', 'no')
-_ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
-        'num_processes': 'JAX_NUM_PROCESSES', 'process_id': 'JAX_PROCESS_ID'}
+from droppos_jax.exit_codes import (EXIT_INTERRUPTED, STOP_STATUSES,
+                                    exit_on_preemption_notice)
+from droppos_jax.formatting import first_line
+from droppos_jax.output_path import check_output_path
 
 
 # ------------------------------------------------------------------ configs ---
@@ -175,106 +153,27 @@ def _read_config(name: str, default: Optional[str] = None) -> Any:
     raise UserError(_unknown_field_message(
         name, _resolve_config_argv(sys.argv[1:]), default)) from None
   except (OSError, ImportError, SyntaxError) as e:
-    raise UserError(f'Could not load --{name}: {str(e).splitlines()[0]}') from None
-
-
-# ------------------------------------------------------------- multi-host ---
-
-def cluster_environment() -> Optional[str]:
-  """Names the multi-process launcher visible in the environment, if any."""
-  env = os.environ
-  if env.get('JAX_COORDINATOR_ADDRESS'):
-    return 'JAX_COORDINATOR_ADDRESS'
-  if ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
-    return 'Cloud TPU pod (TPU_WORKER_HOSTNAMES)'
-  if int(env.get('SLURM_NTASKS', '1') or 1) > 1:
-    return 'SLURM'
-  if int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1:
-    return 'Open MPI'
-  return None
-
-
-def distributed_settings(mode: str, coordinator_address: Optional[str],
-                         num_processes: Optional[int],
-                         process_id: Optional[int]) -> Optional[dict]:
-  """Validated jax.distributed.initialize() arguments, or None for a
-  single-process run. Flags win over the environment; what neither gives is
-  left to JAX's cluster detection (TPU pods, SLURM, MPI)."""
-  if mode not in DISTRIBUTED_MODES:
-    raise UserError(f'--distributed={mode!r}; valid: {", ".join(DISTRIBUTED_MODES)}.')
-  given = {'coordinator_address': coordinator_address,
-           'num_processes': num_processes, 'process_id': process_id}
-  for key, var in _ENV.items():
-    if given[key] is None and os.environ.get(var):
-      given[key] = os.environ[var]
-  found = cluster_environment() or (
-      'flags' if any(v is not None for v in given.values()) else None)
-  if mode == 'no' or (mode == 'auto' and not found):
-    return None
-  address = given['coordinator_address']
-  if address is not None and not re.fullmatch(r'\[?[\w.:-]+\]?:\d{1,5}', address):
-    raise UserError(f'coordinator address {address!r} must be host:port, e.g. '
-                    '10.0.0.2:8476.')
-  if address is not None and not 0 < int(address.rsplit(':', 1)[1]) < 65536:
-    raise UserError(f'coordinator address {address!r}: the port must be in '
-                    '1..65535.')
-  for key in ('num_processes', 'process_id'):
-    value = given[key]
-    if value is None:
-      continue
-    try:
-      given[key] = int(value)
-    except ValueError:
-      raise UserError(f'{key}={value!r} ({_ENV[key]} or --{key}) must be an '
-                      'integer.') from None
-  n, i = given['num_processes'], given['process_id']
-  if n is not None and n < 1:
-    raise UserError(f'num_processes={n} must be >= 1.')
-  if i is not None and n is not None and not 0 <= i < n:
-    raise UserError(f'process_id={i} must be in [0, {n}) for num_processes={n}.')
-  detected = cluster_environment() not in (None, 'JAX_COORDINATOR_ADDRESS')
-  if not detected and None in (address, n, i):
-    missing = [f'--{k} (or {_ENV[k]})' for k, v in (
-        ('coordinator_address', address), ('num_processes', n),
-        ('process_id', i)) if v is None]
-    raise UserError(
-        f'Multi-host start-up needs {", ".join(missing)}: no TPU pod, SLURM or '
-        'MPI launcher was detected to supply them (--distributed=no runs a '
-        'single process).')
-  given['origin'] = found or 'requested by --distributed=yes'
-  return given
-
-
-def initialize_distributed(settings: Optional[dict]) -> None:
-  """Starts jax.distributed (if `settings`) and logs who is who."""
-  if settings is not None:
-    logging.info('Multi-host start-up: jax.distributed.initialize() (%s).',
-                 settings['origin'])
-    jax.distributed.initialize(
-        settings['coordinator_address'], settings['num_processes'],
-        settings['process_id'])
-  logging.info('Process %d/%d, %d local / %d global devices (%s).',
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+    raise UserError(f'Could not load --{name}: {first_line(e)}') from None
 
 
 # ------------------------------------------------------------------- flags ---
 
 def _define_flags(output: Optional[str], output_help: str,
                   default_config: Optional[str],
-                  extra: Sequence[Callable[[], Any]]) -> list[str]:
-  """Defines the command's flags (once per process) and returns their names:
-  config, the output flag (if any), the multi-host flags, then `extra`."""
+                  extra: Sequence[Callable[[], Any]]
+                  ) -> tuple[list[str], list[str]]:
+  """Defines the command's flags (once per process). Returns the names of
+  the common ones (config, the output flag if any, the multi-host flags) and
+  those of `extra`, which the command takes as keyword arguments."""
   if 'config' in flags.FLAGS:  # Tests import several commands in one process.
-    return []
+    return [], []
   config_flags.DEFINE_config_file(
       'config', default_config,
       'Config file path.py[:arg] or a packaged config name (e.g. demo); '
       'override fields with --config.<field>=<value>.', lock_config=True)
   if output:
     flags.DEFINE_string(output, None, output_help)
-  flags.DEFINE_enum('distributed', 'auto', DISTRIBUTED_MODES,
+  flags.DEFINE_enum('distributed', 'auto', multihost.MODES,
                     'jax.distributed start-up: auto = when a cluster launcher '
                     'is detected or the flags below are given.')
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of '
@@ -283,11 +182,9 @@ def _define_flags(output: Optional[str], output_help: str,
                        '(or JAX_NUM_PROCESSES).')
   flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0-based '
                        '(or JAX_PROCESS_ID).')
-  names = ['config', *([output] if output else []), 'distributed',
-           'coordinator_address', 'num_processes', 'process_id']
-  for define in extra:
-    names.append(define().name)
-  return names
+  common = ['config', *([output] if output else []), 'distributed',
+            'coordinator_address', 'num_processes', 'process_id']
+  return common, [define().name for define in extra]
 
 
 def allow_config_change_flag():
@@ -325,26 +222,7 @@ def _exit_on_flag_error(parse: Callable[[], Any],
     sys.exit('error: ' + _unknown_field_message(
         'config', _resolve_config_argv(sys.argv[1:]), default_config))
   except flags.Error as e:
-    sys.exit(f'error: {str(e).strip().splitlines()[0]} (see --help).')
-
-
-# ------------------------------------------------------------ preemption ---
-
-def stop_before_training() -> None:
-  """Ends the program with status 75 for a preemption notice that came
-  before the run started: nothing was trained, so there is nothing to save."""
-  print('stopped: preemption notice (SIGTERM) before the first step; nothing '
-        'to save: rerun the same command.', file=sys.stderr, flush=True)
-  sys.exit(EXIT_PREEMPTED)
-
-
-def exit_on_preemption_notice() -> None:
-  """SIGTERM ends the program with status 75 (not killed by the signal, which
-  a requeue on status 75 would miss) until a run takes it over: the run
-  policy saves first, and hands it back when the run ends. `run` calls this
-  first; an entry point may call it before its imports."""
-  if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_before_training())
+    sys.exit(f'error: {first_line(e)} (see --help).')
 
 
 def _exit_on_user_error(what: Callable[[], Any]) -> Any:
@@ -373,9 +251,9 @@ def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
   """
   exit_on_preemption_notice()  # before the flags, jax.distributed, the data
   # A default config is parsed, overrides included, when it is defined.
-  names = _exit_on_flag_error(lambda: _define_flags(
+  common, extra = _exit_on_flag_error(lambda: _define_flags(
       output, output_help, default_config, extra_flags), default_config)
-  for name in names:  # So that --help lists them, one line each.
+  for name in common + extra:  # So that --help lists them, one line each.
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
   def parse(argv):
@@ -398,11 +276,11 @@ def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
     if config_kind:
       _exit_on_user_error(lambda: check_config_kind(
           config, config_kind, os.path.basename(sys.argv[0])))
-    settings = _exit_on_user_error(lambda: distributed_settings(
+    settings = _exit_on_user_error(lambda: multihost.distributed_settings(
         f.distributed, f.coordinator_address, f.num_processes, f.process_id))
     jax.config.update('jax_threefry_partitionable', True)
-    initialize_distributed(settings)
-    kwargs = {name: f[name].value for name in names[6 if output else 5:]}
+    multihost.initialize_distributed(settings)
+    kwargs = {name: f[name].value for name in extra}
     args = (config, f[output].value) if output else (config,)
     try:
       result = command(*args, **kwargs)
@@ -417,23 +295,6 @@ def run(command: Callable[..., Any], *, output: Optional[str] = 'workdir',
       sys.exit(STOP_STATUSES[stopped])
 
   app.run(main, flags_parser=parse)
-
-
-# ------------------------------------------------------------------ outputs ---
-
-def check_output_path(path: str, *, folder: bool, flag: str) -> None:
-  """Refuses an output location that cannot be written as asked: a file
-  where a folder is wanted (or the reverse), or a path under a file."""
-  path = epath.Path(path)
-  if path.exists() and path.is_dir() != folder:
-    raise UserError(
-        f'--{flag} {path} is a {"file" if folder else "folder"}; expected '
-        f'{"a folder (new or existing)" if folder else "a file name"}.')
-  for parent in path.parents:
-    if parent.exists():
-      if not parent.is_dir():
-        raise UserError(f'--{flag} {path}: {parent} is a file, not a folder.')
-      break
 
 
 # ------------------------------------------------------- config-derived sizes ---

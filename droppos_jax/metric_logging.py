@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf  # clu's writer imports it anyway
 
 from droppos_jax.errors import UserError
+from droppos_jax.formatting import clock
 
 # (metric, console label, format) of the progress line.
 PRETRAIN_FIELDS = (('loss', 'loss', '.4f'), ('acc1', 'pos acc', '.1%'),
@@ -33,13 +34,6 @@ CLASSIFICATION_FIELDS = (('loss', 'loss', '.4f'), ('acc1', 'acc1', '.2%'),
 ONLINE_EVAL_FIELDS = (('knn_top1', 'k-NN top-1', '.1%'),
                       ('heldout_pos_acc', 'held-out pos acc', '.1%'),
                       ('heldout_dist_err', 'held-out dist', '.2f'))
-
-
-def format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return '?'
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
 def _tensorboard_writer(workdir: epath.Path):
@@ -159,7 +153,7 @@ class MetricLogger:
     if 'data_wait_frac' in means:
       parts.append(f'data wait {means["data_wait_frac"]:.0%}')
     if math.isfinite(eta):
-      parts.append(f'ETA {format_duration(eta)}')
+      parts.append(f'ETA {clock(eta)}')
     logging.info('[%d/%d] %s ep %.2f | %s', step, self.total_steps,
                  self.prefix, means['epoch'], ' | '.join(parts))
     return means

@@ -40,6 +40,8 @@ from droppos_jax import compiled as compiled_lib
 from droppos_jax import finetune, hardware, launch, settings, sharding, train
 from droppos_jax.data import device
 from droppos_jax.errors import UserError
+from droppos_jax.formatting import duration as _duration
+from droppos_jax.formatting import size as _size
 
 IMAGENET_TRAIN_EXAMPLES = 1281167
 IMAGENET_CLASSES = 1000
@@ -202,12 +204,6 @@ def _compiler_oom(e: Exception, arguments: int) -> Optional[int]:
   return None
 
 
-def _size(num_bytes: float) -> str:
-  if abs(num_bytes) < 2**30 / 10:
-    return f'{num_bytes / 2**20:.1f} MiB'
-  return f'{num_bytes / 2**30:.2f} GiB'
-
-
 def _suggestions(config, mesh_shape: dict[str, int], num_slices: int,
                  needed: int, state: int, batch: int,
                  hbm: int) -> tuple[str, ...]:
@@ -328,18 +324,6 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
 
 
 # ---------------------------------------------------------------- report ---
-
-def _duration(seconds: float) -> str:
-  if seconds < 1:
-    return f'{seconds * 1e3:.3g} ms'
-  if seconds < 120:
-    return f'{seconds:.1f} s'
-  if seconds < 2 * 3600:
-    return f'{seconds / 60:.0f} min'
-  if seconds < 2 * 86400:
-    return f'{seconds / 3600:.1f} h'
-  return f'{seconds / 86400:.1f} days'
-
 
 def report(plan: Plan, config: ml_collections.ConfigDict) -> str:
   """The planner's printout."""

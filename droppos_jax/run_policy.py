@@ -32,8 +32,8 @@
   stop with status 'preempted'. On one process SIGTERM stops as 'preempted'
   and Ctrl-C as 'interrupted', after saving (a notice during restore or
   compilation: after the first step). Before the run (start-up) and after
-  it, SIGTERM exits 75 at once (launch.exit_on_preemption_notice). A second
-  Ctrl-C quits at once.
+  it, SIGTERM exits 75 at once (exit_codes.exit_on_preemption_notice). A
+  second Ctrl-C quits at once.
 - The metric logs (*_metrics.jsonl) keep each step once after a resume (or
   a fresh start after a try that saved no checkpoint).
 """
@@ -57,9 +57,10 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from droppos_jax import checkpoint, launch
-from droppos_jax.metric_logging import format_duration
+from droppos_jax import checkpoint
 from droppos_jax.errors import UserError
+from droppos_jax.formatting import clock, one_line
+from droppos_jax.output_path import check_output_path
 
 # Fields that may change when a run is resumed: they change how it is run or
 # watched, not what it computes (gradient accumulation is exact; a checkpoint
@@ -241,11 +242,6 @@ def _finite_leaves(tree):
   return jnp.stack([jnp.isfinite(x).all() for x in leaves])
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f'{type(e).__name__}: {text[0] if text else ""}'[:300]
-
-
 class Run:
   """One trainer's run in `workdir` (see the module docstring)."""
 
@@ -298,7 +294,7 @@ class Run:
         raise UserError(self._write_failure(reason)) from None
     if isinstance(exc, OSError) and exc.errno in FULL_OR_READ_ONLY:
       # The disk filled (or turned read-only) while writing logs.
-      raise UserError(self._write_failure(_first_line(exc))) from None
+      raise UserError(self._write_failure(one_line(exc))) from None
 
   def enter_context(self, manager):
     """Closes `manager` (a logger...) when the run ends, errors included."""
@@ -321,7 +317,7 @@ class Run:
   def _claim_workdir(self) -> None:
     """Checks, then the lock and config.json: nothing is written on failure."""
     wd = self.workdir
-    launch.check_output_path(wd, folder=True, flag='workdir')
+    check_output_path(wd, folder=True, flag='workdir')
     saved_file = wd / 'config.json'
     new = _config_json(self.config)
     if saved_file.exists():
@@ -348,7 +344,7 @@ class Run:
       saved_file.write_text(json.dumps(new, indent=2))
       self._set_aside_unfinished()
     except OSError as e:
-      raise UserError(f'Cannot write to --workdir {wd}: {_first_line(e)}') from None
+      raise UserError(f'Cannot write to --workdir {wd}: {one_line(e)}') from None
     logging.info('Config:\n%s', self.config)
 
   def _set_aside_unfinished(self) -> None:
@@ -474,5 +470,5 @@ class Run:
     where = (self._ckpts.directory / str(self.last_saved)
              if self.last_saved is not None else 'none')
     logging.info('Run %s: %d/%d steps in %s; %s; checkpoint %s.', status,
-                 step, self.total_steps, format_duration(seconds),
+                 step, self.total_steps, clock(seconds),
                  metrics_text, where)

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from droppos_jax import checkpoint, launch
+from droppos_jax import checkpoint, exit_codes
 from droppos_jax.errors import UserError
 from test_run_policy import open_run, tiny_disk  # noqa: F401  (a fixture)
 
@@ -199,8 +199,22 @@ def _stopped(proc):
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert 'Traceback' not in err, err[-3000:]
-  assert proc.returncode == launch.EXIT_PREEMPTED, err[-3000:]
+  assert proc.returncode == exit_codes.EXIT_PREEMPTED, err[-3000:]
   return err
+
+
+STOPPED_LINE = ('stopped: preemption notice (SIGTERM) before the first step; '
+                'nothing to save: rerun the same command.')
+
+
+def test_sigterm_during_the_imports_exits_75(tmp_path):
+  """The entry point takes SIGTERM over before TensorFlow and JAX load (a
+  few seconds): a notice then is a preemption too, not a kill."""
+  proc = _train(tmp_path / 'run')
+  time.sleep(0.7)
+  err = _stopped(proc)
+  assert err.count(STOPPED_LINE) == 1, err[-3000:]
+  assert not (tmp_path / 'run').exists()
 
 
 @pytest.mark.slow
@@ -219,8 +233,7 @@ def test_sigterm_while_the_flags_are_read_exits_75(tmp_path):
   proc = _train(tmp_path / 'run', config=str(slow))
   _wait_for(marker.exists, proc)
   err = _stopped(proc)
-  assert ('stopped: preemption notice (SIGTERM) before the first step; '
-          'nothing to save: rerun the same command.') in err
+  assert STOPPED_LINE in err
   assert not (tmp_path / 'run').exists()
 
 
