@@ -331,9 +331,6 @@ def two_step_run(sources, tmp_path):
   return run
 
 
-# Orbax abandons its other reads of a damaged step; Python reports each
-# abandoned coroutine when it is collected. Noise here, not a failure.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('damage', DAMAGES)
 def test_unreadable_latest_step_falls_back_to_the_previous(two_step_run, damage,
                                                           caplog):
