@@ -1,5 +1,6 @@
 """The entry points take SIGTERM over before any heavy import, and the short
 texts every command prints (errors, durations, sizes) are made one way."""
+import os
 import pathlib
 import subprocess
 import sys
@@ -59,3 +60,27 @@ def test_size():
   assert formatting.size(5 * 2**20) == '5.0 MiB'
   assert formatting.size(2**30 / 10) == '0.10 GiB'
   assert formatting.size(20 * 2**30) == '20.00 GiB'
+
+
+COMMAND_WITH_EXTRA_FLAGS = '''
+from absl import flags
+from droppos_jax import launch
+
+def command(config, workdir, **extra):
+  print(workdir, sorted(extra.items()))
+
+launch.run(command, default_config=launch.packaged_configs()['export'],
+           extra_flags=[lambda: flags.DEFINE_integer('copies', 1, 'How many.'),
+                        launch.allow_config_change_flag])
+'''
+
+
+@pytest.mark.slow
+def test_the_command_gets_its_extra_flags_by_name(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-c', COMMAND_WITH_EXTRA_FLAGS, '--copies=3',
+       '--allow_config_change', f'--workdir={tmp_path}'],
+      capture_output=True, text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == (
+      f"{tmp_path} [('allow_config_change', True), ('copies', 3)]")
