@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 
-EXIT_USER_ERROR = 1
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 # How a run that stopped early reports it (the 'stopped' entry of its result).
