@@ -40,6 +40,7 @@ from droppos_jax import compiled as compiled_lib
 from droppos_jax import finetune, hardware, launch, settings, sharding, train
 from droppos_jax.data import device
 from droppos_jax.errors import UserError
+from droppos_jax import formatting
 from droppos_jax.formatting import duration as _duration
 from droppos_jax.formatting import size as _size
 
@@ -106,7 +107,7 @@ def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
         platform='tpu', topology_name=name, num_slices=num_slices,
         **GENERATIONS[name.split(':')[0]][1]).devices)
   except jax.errors.JaxRuntimeError as e:
-    reason = str(e).strip().splitlines()[0]
+    reason = formatting.first_line(str(e))
     raise UserError(f'--topology {name!r}: libtpu refused it ({reason}); '
                     f'valid: {_valid_topologies()}.') from None
 
@@ -291,7 +292,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: str,
     needed = _compiler_oom(e, state_bytes + batch_bytes)
     if needed is None:
       raise
-    error = str(e).strip().splitlines()[0].rstrip('.')
+    error = formatting.first_line(str(e)).rstrip('.')
   else:
     flops, _ = compiled_lib.describe(compiled)
     m = compiled.memory_analysis()
