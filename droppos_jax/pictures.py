@@ -323,7 +323,8 @@ def render(images_rgb, ids_keep, drop_mask, predicted, attention, *,
 
 
 def visualize_checkpoint(path: str, output: str, *, data_cfg, num_images: int,
-                         seed: int = 0, masking_cfg: Mapping[str, Any] = {},
+                         seed: int = 0,
+                         masking_cfg: Optional[Mapping[str, Any]] = None,
                          **render_kwargs: Any) -> dict[str, Any]:
   """Renders `num_images` images of `data_cfg` through the checkpoint at
   `path` (masks from key(seed); `masking_cfg` fields that are not None
@@ -331,7 +332,7 @@ def visualize_checkpoint(path: str, output: str, *, data_cfg, num_images: int,
   'title'}."""
   model, w, objective = load_droppos(path)
   mask = masking.Masking(**{**objective['masking'], **{
-      k: v for k, v in masking_cfg.items() if v is not None}})
+      k: v for k, v in (masking_cfg or {}).items() if v is not None}})
   hw = w.image_hw
   batch = next(device.eval_batches(
       sources.open_source(data_cfg), image_hw=hw, batch_size=num_images,
