@@ -94,8 +94,6 @@ class Checkpoints:
 
   def __init__(self, directory: str | epath.Path, *, max_to_keep: int,
                save_every: int, last_step: int, async_save: bool = True):
-    if max_to_keep < 1:
-      raise UserError(f'keep_ckpts={max_to_keep} must be >= 1.')
     policies = ocp.checkpoint_managers
     self.directory = absolute(directory)
     self._manager = ocp.CheckpointManager(
@@ -113,9 +111,6 @@ class Checkpoints:
     any numbered folder on a local disk, a half-written one included."""
     return sorted(set(self._manager.all_steps()) &
                   set(complete_steps(self.directory)))
-
-  def latest_step(self) -> Optional[int]:
-    return self._manager.latest_step()
 
   def reached_preemption(self, step: int) -> bool:
     """True on every host at the same step once any host got a notice."""
