@@ -160,7 +160,8 @@ def build_jax_step(shapes: Shapes):
   hw = (shapes.image_size,) * 2
   cfg = droppos_objective.ObjectiveConfig(
       image_hw=hw, patch_size=shapes.size.patch_size,
-      masking=masking.Masking('random', 0.75, 0.75), tau=TAU, sigma=SIGMA)
+      masking=masking.Masking('random', 0.75, 0.75), attentive=True, tau=TAU,
+      sigma=SIGMA)
   lr = optim.lr_schedule(PEAK_LR, total_steps=LR_TOTAL, warmup_steps=LR_WARMUP)
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       b1=0.9, b2=0.95, weight_decay=WEIGHT_DECAY, clip='per_tensor',

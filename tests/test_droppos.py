@@ -13,8 +13,10 @@ from droppos_jax.objectives import droppos as droppos_objective
 from droppos_jax.models import convert, droppos, vit
 
 PAPER_MASKING = masking.Masking('random', 0.75, 0.75)
+# The paper's objective settings (configs/common.py).
+PAPER = dict(masking=PAPER_MASKING, attentive=True, tau=0.1, sigma=1.0)
 CFG = droppos_objective.ObjectiveConfig(image_hw=(16, 32), patch_size=8,
-                               masking=PAPER_MASKING)  # 2x4 grid
+                               **PAPER)  # 2x4 grid
 MODEL = droppos.droppos_from_config('mu/8', 'tiny')
 
 
@@ -65,7 +67,7 @@ def test_gradients_reach_mask_token_and_not_through_attentive_pass(setup):
   # With attentive weights computed from the same params, the objective's
   # gradient equals the gradient of the loss with weights held constant.
   cfg_plain = droppos_objective.ObjectiveConfig(image_hw=(16, 32), patch_size=8,
-                                       masking=PAPER_MASKING, attentive=False)
+                                       **dict(PAPER, attentive=False))
   loss_w, _ = loss_fn(params, MODEL, images, jax.random.key(2), 1.0, CFG)
   loss_u, _ = loss_fn(params, MODEL, images, jax.random.key(2), 1.0,
                                cfg_plain)
@@ -88,7 +90,7 @@ def test_objective_matches_torch_reference():
   model = droppos.DropPos(vit.VisionTransformer(32, 2, 128, 2, patch),
                           droppos.Projector(16, 2, 2))
   cfg = droppos_objective.ObjectiveConfig(image_hw=hw, patch_size=patch,
-                                 masking=PAPER_MASKING, tau=tau)
+                                 **dict(PAPER, tau=tau))
   images = np.random.default_rng(0).normal(size=(4, *hw, 3)).astype(np.float32)
   ids_keep, drop_mask = cfg.masking.sample(jax.random.key(0), 4, cfg.grid)
 
@@ -203,10 +205,10 @@ def test_training_sized_call_compiles_once(setup):
 def test_objective_config_rejects_bad_settings():
   with pytest.raises(ValueError, match='must divide the image size'):
     droppos_objective.ObjectiveConfig(image_hw=(30, 32), patch_size=8,
-                             masking=PAPER_MASKING)
+                             **PAPER)
   with pytest.raises(ValueError, match='tau=0'):
     droppos_objective.ObjectiveConfig(image_hw=(32, 32), patch_size=8,
-                             masking=PAPER_MASKING, tau=0.)
+                             **dict(PAPER, tau=0.))
   with pytest.raises(ValueError, match='mask_ratio=1.2'):
     masking.Masking('random', 1.2, 0.75)
   with pytest.raises(ValueError, match='Unknown projector'):

@@ -12,8 +12,10 @@ from droppos_jax.configs import common
 from droppos_jax.evaluators import online
 from droppos_jax.models import droppos as droppos_model
 
-OBJ = droppos_objective.ObjectiveConfig(image_hw=(32, 32), patch_size=8,
-                               masking=masking.Masking('random', 0.75, 0.75))
+OBJ = droppos_objective.ObjectiveConfig(
+    image_hw=(32, 32), patch_size=8,
+    masking=masking.Masking('random', 0.75, 0.75), attentive=True, tau=0.1,
+    sigma=1.0)
 
 
 def numpy_knn(bank, bank_labels, queries, k, temperature, num_classes):

@@ -24,14 +24,16 @@ REFERENCE_GRID_DIVISOR = 14
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """Static settings of the objective, validated on construction: masking,
-  attentive weights, and the smoothing width sigma with its schedule (the
-  paper's: sigma_0 = 1, linear per epoch) and the reference's quirks."""
+  attentive weights, and the smoothing width sigma with its schedule and
+  the reference's quirks. The paper's values are the config's
+  (configs/common.py); a constant sigma over one step is the neutral
+  schedule for a single batch."""
   image_hw: tuple[int, int]
   patch_size: int
   masking: masking.Masking
-  attentive: bool = True
-  tau: float = 0.1
-  sigma: float = 1.0
+  attentive: bool
+  tau: float
+  sigma: float
   sigma_schedule: str = 'constant'
   total_steps: int = 1
   steps_per_epoch: int = 1
