@@ -207,11 +207,21 @@ STOPPED_LINE = ('stopped: preemption notice (SIGTERM) before the first step; '
                 'nothing to save: rerun the same command.')
 
 
+def _catches_sigterm(pid: int) -> bool:
+  """Whether process `pid` has a SIGTERM handler (Linux: /proc's SigCgt)."""
+  for line in pathlib.Path(f'/proc/{pid}/status').read_text().splitlines():
+    if line.startswith('SigCgt:'):
+      return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+  return False
+
+
 def test_sigterm_during_the_imports_exits_75(tmp_path):
   """The entry point takes SIGTERM over before TensorFlow and JAX load (a
-  few seconds): a notice then is a preemption too, not a kill."""
+  few seconds): a notice then is a preemption too, not a kill. The signal
+  goes as soon as the handler is in place (a fixed delay could land before
+  the interpreter even starts on a loaded machine)."""
   proc = _train(tmp_path / 'run')
-  time.sleep(0.7)
+  _wait_for(lambda: _catches_sigterm(proc.pid), proc, seconds=60)
   err = _stopped(proc)
   assert err.count(STOPPED_LINE) == 1, err[-3000:]
   assert not (tmp_path / 'run').exists()
