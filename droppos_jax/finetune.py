@@ -172,7 +172,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   run = run_policy.Run(workdir, config, model_id=model_id,
                        total_steps=s.total_steps,
                        allow_config_change=allow_config_change)
-  patch = vit.decode_variant(config.model.variant).patch_size
   abstract_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
       s.abstract_state['params'])
@@ -180,7 +179,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # a bad init.path leaves it untouched; a resumed run reads them only if no
   # checkpoint turns out to be readable.
   read_init = lambda: classification.load_init(
-      config.init, config.protocol, abstract_params, hw, patch)
+      config.init, config.protocol, abstract_params, hw,
+      s.model.encoder.patch_size)
   early_init = (read_init() if config.init.path and not run.has_checkpoint()
                 else None)
   logging.info('%s: %d classes, %d steps (%d/epoch, %d warm-up), image %s, '
