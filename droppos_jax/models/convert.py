@@ -26,10 +26,13 @@ import math
 import re
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from droppos_jax.errors import UserError
+from droppos_jax.models import architecture
 from droppos_jax.models import droppos as droppos_lib
 from droppos_jax.models import vit
 
@@ -123,6 +126,58 @@ def _block(tk, fp, d, mlp):
           + _dense(f'{tk}.mlp.fc2', fp + ('mlp', 'fc2'), mlp, d))
 
 
+_FLAX_TO_TORCH_LEAF = {'kernel': ('weight', 'linear'), 'scale': ('weight', 'copy'),
+                       'bias': ('bias', 'copy')}
+
+
+def _decoder_leaves(shapes: Mapping[tuple[str, ...], Any]) -> list[_Leaf]:
+  """The leaves of a head whose Flax params `shapes` (path -> shape or None)
+  sit under one root, in the reference's decoder naming, whatever the head:
+  `<root>/<sub>/...` <-> `decoder_<sub>....`, `blocks_{i}` <-> `blocks.{i}`,
+  a Dense kernel transposed to `weight`, a LayerNorm scale to `weight`."""
+  out = []
+  for path, shape in shapes.items():
+    name, op = _FLAX_TO_TORCH_LEAF[path[-1]]
+    modules = [re.sub(r'^blocks_(\d+)$', r'blocks.\1', m) for m in path[1:-1]]
+    out.append(_Leaf('decoder_' + '.'.join(modules + [name]), tuple(path), op,
+                     None if shape is None else tuple(
+                         reversed(shape) if op == 'linear' else shape)))
+  return out
+
+
+def _position_head_shapes(proj: Mapping[str, Any], width_in: int):
+  """Flax path -> shape of the position head `proj` (a ProjectorSize dict)
+  on `width_in`-wide tokens; shapes None where its position count is
+  unknown. Heads do not change shapes, so an unknown count is 1 here."""
+  size = architecture.ProjectorSize(**dict(proj,
+                                           num_heads=proj.get('num_heads') or 1))
+  n = size.num_positions
+  head = droppos_lib.position_head(size)
+  tree = jax.eval_shape(lambda: head.init(
+      jax.random.key(0), jnp.zeros((1, 2, width_in)), n or 1))['params']
+  return {('projector',) + k: None if n is None else tuple(v.shape)
+          for k, v in _flatten(tree).items()}
+
+
+def _position_head(found: set[str], width_in: int, sizes: Mapping[str, Any]):
+  """The ProjectorSize dict of the registered position head whose tensors
+  are exactly the `decoder_*` names `found`, at the `sizes` read from them
+  (the first head that accepts them if none matches: the report lists what
+  differs)."""
+  fallback = None
+  for head in droppos_lib.POSITION_HEADS:
+    proj = dict(sizes, head=head)
+    try:
+      keys = {l.torch_key for l in _decoder_leaves(
+          _position_head_shapes(proj, width_in))}
+    except UserError:  # this head takes no such sizes
+      continue
+    if keys == found:
+      return proj
+    fallback = fallback or proj
+  return fallback
+
+
 def _leaves(kind: str, cfg: Mapping[str, Any]) -> list[_Leaf]:
   """Every tensor of `kind` for architecture `cfg`, with expected shapes."""
   d, mlp, p, c = cfg['width'], cfg['mlp_dim'], cfg['patch_size'], cfg['in_chans']
@@ -136,18 +191,9 @@ def _leaves(kind: str, cfg: Mapping[str, Any]) -> list[_Leaf]:
   if kind != 'classifier' or cfg['final_norm']:
     out += _norm('norm', enc + ('norm',), d)
   if kind == 'droppos':
-    proj = cfg.get('projector') or {}
-    pd, n = proj.get('width'), proj.get('num_positions')
     out.append(_Leaf('mask_pos_token', ('mask_pos_token',), 'copy', (1, 1, d)))
-  if kind == 'droppos' and proj.get('head') == 'linear':
-    out += _dense('decoder_pred', ('projector', 'pred'), d, n)
-  elif kind == 'droppos':
-    out += _dense('decoder_embed', ('projector', 'embed'), d, pd)
-    for i in range(proj.get('depth', 0)):
-      out += _block(f'decoder_blocks.{i}', ('projector', f'blocks_{i}'), pd,
-                    None if pd is None else 4 * pd)
-    out += _norm('decoder_norm', ('projector', 'norm'), pd)
-    out += _dense('decoder_pred', ('projector', 'pred'), pd, n)
+    if cfg.get('projector'):
+      out += _decoder_leaves(_position_head_shapes(cfg['projector'], d))
   if kind == 'classifier':
     if cfg['fc_norm'] or not cfg['final_norm']:
       out += _norm('fc_norm', ('fc_norm',), d)
@@ -231,15 +277,6 @@ def _analyse_pos_embed(sd, width, grid_hw, dtypes):
   return grid, 'learned', cls_row, warnings
 
 
-def _linear_head(sd) -> bool:
-  """A DropPos file whose position head is one Linear (droppos.LinearHead):
-  `decoder_pred` and no other decoder tensor."""
-  return ('mask_pos_token' in sd and sd.get('decoder_pred.weight') is not None
-          and sd['decoder_pred.weight'].ndim == 2 and not any(
-              k.startswith('decoder_') and not k.startswith('decoder_pred.')
-              for k in sd))
-
-
 def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
            dtypes=None):
   """(config, cls_row, warnings, notes) for a cleaned state dict."""
@@ -268,11 +305,7 @@ def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
   for head in ('head.weight', 'head.1.weight'):
     if head in sd and sd[head].ndim == 2:
       cfg['num_classes'] = int(sd[head].shape[0])
-  if _linear_head(sd):
-    pred = sd['decoder_pred.weight']
-    cfg['projector'] = dict(width=None, depth=0, num_heads=None,
-                            num_positions=int(pred.shape[0]), head='linear')
-  elif any(k.startswith('decoder_') for k in sd):
+  if any(k.startswith('decoder_') for k in sd):
     pdepth = _block_ids(sd, 'decoder_blocks')
     emb = sd.get('decoder_embed.weight')
     pwidth = int(emb.shape[0]) if emb is not None and emb.ndim == 2 else (
@@ -281,9 +314,10 @@ def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
     n = grid[0] * grid[1] if grid else (
         int(pred.shape[0]) if pred is not None and pred.ndim == 2 else None)
     heads = projector_num_heads or _PROJECTOR_HEADS_BY_WIDTH.get(pwidth)
-    cfg['projector'] = dict(width=pwidth, depth=pdepth, num_heads=heads,
-                            num_positions=n, head='transformer')
-    if heads is None:
+    cfg['projector'] = _position_head(
+        {k for k in sd if k.startswith('decoder_')}, width, dict(
+        width=pwidth, depth=pdepth, num_heads=heads, num_positions=n))
+    if heads is None and pwidth is not None:
       notes.append(f'projector num_heads unknown for width {pwidth}: pass '
                    'projector_num_heads to build the model.')
     if grid is None and n is not None and math.isqrt(n) ** 2 == n:
@@ -478,10 +512,12 @@ def _config_from_flax(flat, kind):
                  default=-1) + 1
     emb = flat.get(('projector', 'embed', 'kernel'))
     pred = flat.get(('projector', 'pred', 'kernel'))
-    cfg['projector'] = dict(
+    names = {l.torch_key for l in _decoder_leaves(
+        {k: None for k in flat if k[0] == 'projector'})}
+    cfg['projector'] = _position_head(names, d, dict(
         width=None if emb is None else emb.shape[1], depth=pdepth,
-        num_positions=None if pred is None else pred.shape[1],
-        head='transformer' if emb is not None else 'linear')
+        num_heads=None, num_positions=None if pred is None else pred.shape[1]))
+    del cfg['projector']['num_heads']  # not in weights; from the metadata
   if kind in ('classifier', 'linear_probe') and ('head', 'kernel') in flat:
     cfg['num_classes'] = flat[('head', 'kernel')].shape[1]
   return cfg

@@ -226,16 +226,20 @@ def build(arch: architecture.Architecture, *, dtype: Any = jnp.float32,
   """The one constructor of DropPos: the encoder and position head of
   `arch`, computing in `dtype` (`attention`: vit.attention_implementation's
   setting; `attentive_dtype`: the attentive pass's, None: `dtype`)."""
-  p = arch.projector
   vit.attention_implementation(attention, dtype)  # validates the name
-  # A head without a width (the linear one) has no sizes.
-  sizes = {} if p.width is None else dict(width=p.width, depth=p.depth,
-                                          num_heads=p.num_heads)
   return DropPos(
       encoder=arch.vit(dtype=dtype, remat=remat, attention=attention),
-      projector=POSITION_HEADS[p.head](dtype=dtype, attention=attention,
-                                       **sizes),
+      projector=position_head(arch.projector, dtype=dtype, attention=attention),
       attentive_dtype=attentive_dtype)
+
+
+def position_head(p: architecture.ProjectorSize, *, dtype: Any = jnp.float32,
+                  attention: str = 'auto') -> nn.Module:
+  """The head module `p` names, of its sizes (a head without a width, like
+  the linear one, has none)."""
+  sizes = {} if p.width is None else dict(width=p.width, depth=p.depth,
+                                          num_heads=p.num_heads)
+  return POSITION_HEADS[p.head](dtype=dtype, attention=attention, **sizes)
 
 
 def droppos_from_model_config(m: Any, platform: Optional[str] = None,
