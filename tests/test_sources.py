@@ -61,6 +61,26 @@ def test_tfds_array_record_is_read_by_index(tfds_dirs):
   assert source.note == sources.RANDOM_ACCESS_NOTE
 
 
+def test_reads_in_flight_is_checked_once_and_only_where_it_applies(
+    tfds_dirs, tmp_path):
+  cfg = lambda fmt, reads: ml_collections.ConfigDict(dict(
+      tfds_cfg(tfds_dirs[fmt]).to_dict(), reads_in_flight=reads))
+  assert sources.open_source(tfds_cfg(tfds_dirs['array_record'])
+                             ).reads_in_flight == sources.READS_IN_FLIGHT
+  assert sources.open_source(cfg('array_record', 8)).reads_in_flight == 8
+  for bad in (0, -1, True, 2.5, '8', sources.MAX_READS_IN_FLIGHT + 1):
+    with pytest.raises(UserError, match=rf'data.reads_in_flight={bad!r} must '
+                       rf'be an integer from 1 to {sources.MAX_READS_IN_FLIGHT}'):
+      sources.open_source(cfg('array_record', bad))
+  folder = ml_collections.ConfigDict(dict(
+      folder_cfg(write_class_folder(tmp_path)).to_dict(), reads_in_flight=8))
+  for where, opened in (('tfds tiny_colours:train', cfg('tfrecord', 8)),
+                        ('folder', folder)):
+    with pytest.raises(UserError, match=r'data.reads_in_flight=8 applies to '
+                       rf'TFDS data prepared as ArrayRecord only, not to {where}'):
+      sources.open_source(opened)
+
+
 def test_tfds_tfrecord_lists_its_files(tfds_dirs):
   source = sources.open_source(tfds_cfg(tfds_dirs['tfrecord']))
   assert source.size == 24 and not source.random_access

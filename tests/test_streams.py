@@ -79,6 +79,34 @@ def test_resume_on_another_host_count_continues_the_stream(opened, name):
                                   one[step]['image'][:2])
 
 
+@pytest.mark.slow
+def test_reads_in_flight_give_the_batches_of_one_read_per_batch(opened):
+  """Reads in flight over the batches ahead (ArrayRecord; 3 threads, so
+  that up to 4 batches are read ahead) give the rows of the batches that one
+  read call per batch in the stream's generator gives: on 1, 2 and 4
+  processes, from a resume, and in evaluation."""
+  as_read = lambda reads: dataclasses.replace(opened['array_record'],
+                                              reads_in_flight=reads)
+  today = batches(as_read(0), 6)
+  for count, start_step in ((1, 0), (2, 0), (4, 0), (2, 3)):
+    share = 8 // count
+    for p in range(count):
+      rows = slice(p * share, (p + 1) * share)
+      ahead = batches(as_read(3), 6 - start_step, rows=(rows.start, rows.stop),
+                      start_step=start_step)
+      for step, got in enumerate(ahead, start_step):
+        for key in got:
+          np.testing.assert_array_equal(
+              got[key], today[step][key][rows], err_msg=f'{count} processes, '
+              f'from step {start_step}, step {step}, {key}')
+  for rows in ((0, 2), (2, 4)):
+    ahead, one_read = (eval_ids(as_read(r), rows)[0] for r in (3, 0))
+    assert len(ahead) == len(one_read) == 6
+    for a, b in zip(ahead, one_read):
+      for key in b:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
 def epochs_of(source, epochs=2):
   """Record ids of whole epochs of a one-process stream (batch divides n)."""
   size = 6 if source.size % 6 == 0 else 4 if source.size % 4 == 0 else 2

@@ -8,7 +8,9 @@ and the evaluators never list or open anything again.
 How a source can be read decides what its stream guarantees (streams.py):
 - folder, demo and TFDS prepared as ArrayRecord are read by index: each
   epoch is a fresh global permutation, the same on any host count, and a
-  resume starts at once.
+  resume starts at once. ArrayRecord reads one record per storage request;
+  the stream keeps `data.reads_in_flight` of them in flight, since on cloud
+  storage each takes tens of milliseconds.
 - TFDS prepared as TFRecord (the TFDS default) is read file by file; `note`
   says what it gives instead, and the trainers log it.
 
@@ -36,9 +38,18 @@ TFRECORD_NOTE = (
     'count; resume skips whole files and reads (not decodes) at most one '
     'round of {cycle} files. For a global order on any host count, prepare '
     'the dataset with `tfds build --file_format=array_record`.')
-# TFRecord reading: files interleaved per round, records shuffled per window.
+# TFRecord reading: files interleaved per round, records shuffled per window,
+# each file read in requests of TFRECORD_BUFFER bytes (hundreds of records a
+# request, so that a request's latency on cloud storage is paid rarely).
 TFRECORD_CYCLE = 4
 TFRECORD_WINDOW = 1024
+TFRECORD_BUFFER = 16 << 20
+# ArrayRecord: record reads kept in flight (one thread each) when
+# data.reads_in_flight is unset: at 30 ms a read, up to 34,000 records/s
+# where the CPU keeps up (benchmarks/input_latency.py). More threads than
+# the maximum would cost more memory than they could add.
+READS_IN_FLIGHT = 1024
+MAX_READS_IN_FLIGHT = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +73,9 @@ class Source:
     come out of `parse`.
   num_classes: None for unlabelled data.
   note: what order and resume this source gives, one line for the log.
+  reads_in_flight: 0 when `read` is cheap (memory, a list of paths): the
+    stream calls it once per batch. N > 0 when each record `read` reads is a
+    storage request: the stream reads the batches ahead on N threads.
   """
   description: str
   size: int
@@ -73,6 +87,7 @@ class Source:
   files: tuple[RecordFile, ...] = ()
   parse: Callable[[Any], tuple[Any, Any]] | None = None
   pixels_shape: tuple[int, int, int] | None = None
+  reads_in_flight: int = 0
 
   @property
   def random_access(self) -> bool:
@@ -98,7 +113,23 @@ def open_source(cfg) -> Source:
   if source not in SOURCES:
     raise UserError(f'Unknown data source {source!r}; valid sources are '
                     f'{list(SOURCES)}.')
-  return SOURCES[source](cfg)
+  opened = SOURCES[source](cfg)
+  if cfg.get('reads_in_flight') is not None and not opened.reads_in_flight:
+    raise UserError(
+        f'data.reads_in_flight={cfg.reads_in_flight} applies to TFDS data '
+        f'prepared as ArrayRecord only, not to {opened.description}; unset it.')
+  return opened
+
+
+def _reads_in_flight(cfg) -> int:
+  value = cfg.get('reads_in_flight')
+  value = READS_IN_FLIGHT if value is None else value
+  if (isinstance(value, bool) or not isinstance(value, int)
+      or not 1 <= value <= MAX_READS_IN_FLIGHT):
+    raise UserError(f'data.reads_in_flight={value!r} must be an integer from '
+                    f'1 to {MAX_READS_IN_FLIGHT} (record reads kept in '
+                    'flight, one thread each).')
+  return value
 
 
 # ------------------------------------------------------------------ demo ---
@@ -224,13 +255,17 @@ def _open_tfds(cfg) -> Source:
                 payload='record', parse=parse)
   formats = info.available_file_formats() or {info.file_format}
   if tfds.core.file_adapters.FileFormat.ARRAY_RECORD in formats:
+    reads = _reads_in_flight(cfg)
     records = builder.as_data_source(
         split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
         file_format='array_record')
+    # One key at a time: array_record reads a single key on the calling
+    # thread, but a list of keys on its one global pool of 64 threads, which
+    # would cap the reads in flight at 64 however many threads call it.
     return Source(note=RANDOM_ACCESS_NOTE,
                   read=lambda indices: np.asarray(
-                      records.__getitems__(indices.tolist()), object),
-                  **common)
+                      [records[i] for i in indices.tolist()], object),
+                  reads_in_flight=reads, **common)
   files = tuple(RecordFile(str(f.filename), int(f.skip), int(f.take))
                 for f in info.splits[split].file_instructions)
   return Source(note=TFRECORD_NOTE.format(cycle=TFRECORD_CYCLE,

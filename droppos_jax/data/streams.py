@@ -8,6 +8,9 @@ holds positions [s B, (s + 1) B); a process feeds rows [row_start, row_stop)
 of it. So 1, 2 or 8 hosts feed identical global batches, and a run resumes
 at step s on any host count by starting at position s B, which for
 random-access sources (folder, demo, TFDS ArrayRecord) costs nothing.
+Where a record read is a storage request (ArrayRecord), threads read the
+records of the batches ahead, `source.reads_in_flight` requests at a time,
+and the batches come out in step order: the stream is the same.
 
 TFDS data in TFRecord files cannot be read by index. Each process then reads
 its share of the files: per epoch the file order is a permutation keyed by
@@ -23,6 +26,8 @@ accelerators.
 from __future__ import annotations
 
 import atexit
+import collections
+from concurrent import futures
 import itertools
 from typing import Callable, Iterator, Sequence
 import weakref
@@ -37,6 +42,9 @@ from droppos_jax.errors import UserError
 
 _FOREVER = 2**62
 _WINDOW_TAG = 1  # folded into the seed for TFRecord window shuffles
+# Records one read task takes, one after another: fewer hand-offs between
+# threads per record (less CPU) for twice the records read ahead.
+_READ_CHUNK = 2
 
 
 def check_rows(rows: tuple[int, int] | None,
@@ -167,6 +175,42 @@ def _options() -> tf.data.Options:
 
 # ----------------------------------------------------------------- train ---
 
+def _read_ahead(source: sources.Source, batches: Iterator[tuple]
+                ) -> Iterator[tuple]:
+  """(source.read(indices), *rest) for each (indices, *rest) of `batches`,
+  in order. With `source.reads_in_flight` = T, T threads read the records of
+  the batches ahead, _READ_CHUNK per task, so that T storage requests are in
+  flight while the stream consumes the oldest batch."""
+  if not source.reads_in_flight:
+    for indices, *rest in batches:
+      yield source.read(indices), *rest
+    return
+  pool = futures.ThreadPoolExecutor(source.reads_in_flight,
+                                    thread_name_prefix='read')
+  pending = collections.deque()  # (one future per chunk, rest) of each batch
+  waiting = 0  # records submitted and not yet yielded
+
+  def oldest():
+    nonlocal waiting
+    chunks, rest = pending.popleft()
+    payloads = np.concatenate([chunk.result() for chunk in chunks])
+    waiting -= len(payloads)
+    return payloads, *rest
+
+  try:
+    for indices, *rest in batches:
+      pending.append(([pool.submit(source.read, indices[i:i + _READ_CHUNK])
+                       for i in range(0, len(indices), _READ_CHUNK)], rest))
+      waiting += len(indices)
+      # Wait for the oldest batch only once every thread has a chunk to read.
+      while waiting > source.reads_in_flight * _READ_CHUNK:
+        yield oldest()
+    while pending:
+      yield oldest()
+  finally:  # also when the stream is closed: drop the reads not started
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _indexed_records(source, seed, start_step, global_batch_size, rows):
   """(global position, payload, label) of this process's rows, by index."""
   def steps():
@@ -174,10 +218,14 @@ def _indexed_records(source, seed, start_step, global_batch_size, rows):
     for step in itertools.count(start_step):
       positions = _global_positions(step, global_batch_size, rows)
       indices = _record_indices(positions, seed, source.size, orders)
-      yield positions, source.read(indices), source.label_of(indices)
+      yield indices, positions, source.label_of(indices)
+
+  def records():
+    for payloads, positions, labels in _read_ahead(source, steps()):
+      yield positions, payloads, labels
 
   size = rows[1] - rows[0]
-  return tf.data.Dataset.from_generator(steps, output_signature=(
+  return tf.data.Dataset.from_generator(records, output_signature=(
       tf.TensorSpec((size,), tf.int64), _payload_spec(source, size),
       tf.TensorSpec((size,), tf.int32))).unbatch()
 
@@ -235,7 +283,8 @@ def _file_records(source, seed, start_step, global_batch_size, rows):
 
   def round_records(paths, skips, takes, epoch, number, skip):
     records = tf.data.Dataset.from_tensor_slices((paths, skips, takes)).interleave(
-        lambda path, s, t: tf.data.TFRecordDataset(path).skip(s).take(t),
+        lambda path, s, t: tf.data.TFRecordDataset(
+            path, buffer_size=sources.TFRECORD_BUFFER).skip(s).take(t),
         cycle_length=sources.TFRECORD_CYCLE, block_length=1,
         num_parallel_calls=sources.TFRECORD_CYCLE, deterministic=True)
 
@@ -325,7 +374,8 @@ def _record_range(source, start: int, stop: int) -> tf.data.Dataset:
     offset += f.take
   return tf.data.Dataset.from_tensor_slices(
       (paths, np.array(skips, np.int64), np.array(takes, np.int64))).flat_map(
-          lambda path, s, t: tf.data.TFRecordDataset(path).skip(s).take(t))
+          lambda path, s, t: tf.data.TFRecordDataset(
+              path, buffer_size=sources.TFRECORD_BUFFER).skip(s).take(t))
 
 
 def eval_stream(source: sources.Source, *, image_size: int | Sequence[int],
@@ -365,9 +415,13 @@ def eval_stream(source: sources.Source, *, image_size: int | Sequence[int],
         positions = _global_positions(b, global_batch_size, rows)
         valid = positions < limit
         indices = np.where(valid, positions, 0)
-        yield valid, source.read(indices), source.label_of(indices)
+        yield indices, valid, source.label_of(indices)
 
-    ds = tf.data.Dataset.from_generator(batches, output_signature=(
+    def records():
+      for payloads, valid, labels in _read_ahead(source, batches()):
+        yield valid, payloads, labels
+
+    ds = tf.data.Dataset.from_generator(records, output_signature=(
         tf.TensorSpec((size,), tf.bool), _payload_spec(source, size),
         tf.TensorSpec((size,), tf.int32))).unbatch().map(
             lambda valid, payload, label: tf.cond(
