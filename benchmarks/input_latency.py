@@ -1,0 +1,185 @@
+r"""Records/s of the input stream per host when every storage request takes
+a fixed latency, as on cloud storage (gs://).
+
+  python benchmarks/input_latency.py                     # about 5 minutes
+  python benchmarks/input_latency.py --num_files 200 --seconds 2  # quick
+
+What it models. benchmarks/storage_latency.c, preloaded into the process
+that reads, delays every read()/pread() of the dataset's files by
+--latency_ms before the read: one such call is one storage request, and the
+thread that makes it waits, as on a blocking cloud-storage reader. The
+readers' own behaviour is left as it is and measured: how many requests they
+keep in flight (their threads: ours, array_record's pool of 64, tf.data's),
+how many bytes each request carries (ArrayRecord: one record; TFRecord: one
+buffer of sources.TFRECORD_BUFFER bytes) and how many requests a record
+costs. Not modelled: bandwidth (a request's time does not grow with its
+bytes), request-rate limits, and the CPU of TLS and HTTP (zero latency is
+the CPU baseline). Latency 0 runs without the preload.
+
+It writes --num_files JPEGs (as benchmarks/input_throughput.py does) as TFDS
+datasets in the ArrayRecord and TFRecord formats, then measures in a fresh
+process each, after warm-up:
+  - read: records/s of the read stage alone (the stream's records in step
+    order, before any decoding: streams._indexed_records for ArrayRecord,
+    streams._file_records for TFRecord), and its CPU time per record;
+  - stream: images/s of the whole pre-training stream (decode the crop
+    window, resize to 224 px, flip; uint8 batches on the host), and its CPU
+    time per image.
+Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import input_throughput
+
+SHIM = pathlib.Path(__file__).with_name('storage_latency.c')
+FORMATS = ('array_record', 'tfrecord')
+
+
+def build_shim(out_dir: pathlib.Path) -> pathlib.Path:
+  """storage_latency.c compiled into `out_dir`."""
+  lib = out_dir / 'storage_latency.so'
+  subprocess.run(['cc', '-O2', '-shared', '-fPIC', '-o', str(lib), str(SHIM),
+                  '-ldl'], check=True)
+  return lib
+
+
+def storage_stats() -> list[int] | None:
+  """[requests, bytes, most in flight] since the last call, when the shim
+  is preloaded; else None."""
+  try:
+    stats = ctypes.CDLL(None).storage_latency_stats
+  except AttributeError:
+    return None
+  out = (ctypes.c_long * 3)()
+  stats(out)
+  return list(out)
+
+
+def measure(a) -> dict:
+  """One measurement, in this process: the stage `a.stage` of format
+  `a.format`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from droppos_jax.data import sources, streams, transforms  # pylint: disable=g-import-not-at-top
+  data = dict(source='tfds', name='bench_jpegs', split='train',
+              data_dir=str(a.root / f'tfds_{a.format}'))
+  if a.reads_in_flight:
+    data['reads_in_flight'] = a.reads_in_flight
+  source = sources.open_source(ml_collections.ConfigDict(data))
+  rows = (0, a.batch)
+  if a.stage == 'read':
+    records = (streams._indexed_records if source.random_access  # pylint: disable=protected-access
+               else streams._file_records)(source, 0, 0, a.batch, rows)  # pylint: disable=protected-access
+    batches = iter(records.batch(a.batch).prefetch(2))
+  else:
+    batches = streams.train_stream(
+        source, transforms.TrainAugment(), image_size=224,
+        global_batch_size=a.batch, seed=0)
+  for _ in range(a.warmup):
+    next(batches)
+  storage_stats()
+  count, cpu, start = 0, time.process_time(), time.perf_counter()
+  while time.perf_counter() - start < a.seconds:
+    next(batches)
+    count += a.batch
+  seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+  stats = storage_stats()
+  out = {'rate': count / seconds, 'cpu_us': cpu / count * 1e6,
+         'reads_in_flight': getattr(source, 'reads_in_flight', None)}
+  if stats:
+    out.update(requests_per_record=stats[0] / count,
+               kib_per_request=stats[1] / max(stats[0], 1) / 1024,
+               most_in_flight=stats[2])
+  return out
+
+
+def child(a, fmt: str, stage: str, latency_ms: float, shim) -> dict:
+  """measure() in a fresh process, the shim preloaded for a latency."""
+  env = dict(os.environ)
+  if latency_ms:
+    env.update(LD_PRELOAD=str(shim), STORAGE_LATENCY_MS=str(latency_ms),
+               STORAGE_LATENCY_PREFIX=str(a.root.resolve()))
+  argv = [sys.executable, __file__, '--measure', '--format', fmt, '--stage',
+          stage, '--dir', a.dir, '--num_files', str(a.num_files), '--batch',
+          str(a.batch), '--seconds', str(a.seconds), '--warmup',
+          str(a.warmup)]
+  if a.reads_in_flight:
+    argv += ['--reads_in_flight', str(a.reads_in_flight)]
+  out = subprocess.run(argv, env=env, check=True, capture_output=True,
+                       text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prepare(a) -> None:
+  folder = a.root / 'folder'
+  if not folder.exists():
+    print(f'Writing {a.num_files} JPEGs to {folder} ...')
+    input_throughput.write_jpegs(folder, a.num_files)
+  for fmt in FORMATS:
+    if not (a.root / f'tfds_{fmt}' / 'bench_jpegs').exists():
+      input_throughput.prepare_tfds(folder, a.root / f'tfds_{fmt}', fmt)
+
+
+def row(fmt: str, latency: float, read: dict, stream: dict) -> str:
+  if fmt == 'tfrecord':
+    path = 'files interleaved'
+  elif read['reads_in_flight'] is None:  # the stream before reads in flight
+    path = 'one call per batch'
+  else:
+    path = f'{read["reads_in_flight"]} in flight'
+  requests = ('| – | – | – ' if 'requests_per_record' not in read else
+              f'| {read["most_in_flight"]} | {read["kib_per_request"]:.0f} | '
+              f'{read["requests_per_record"]:.2f} ')
+  return (f'| {fmt} | {path} | {latency:g} | {read["rate"]:,.0f} '
+          f'{requests}| {read["cpu_us"]:.0f} | {stream["rate"]:,.0f} | '
+          f'{stream["cpu_us"] / 1e3:.2f} |')
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--dir', default='/tmp/droppos_input_bench')
+  p.add_argument('--num_files', type=int, default=2000)
+  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--seconds', type=float, default=15.)
+  p.add_argument('--warmup', type=int, default=5)
+  p.add_argument('--latency_ms', default='0,30',
+                 help='comma-separated latencies per storage request')
+  p.add_argument('--formats', default=','.join(FORMATS))
+  p.add_argument('--reads_in_flight', type=int, default=0,
+                 help='data.reads_in_flight for ArrayRecord; 0: its default')
+  p.add_argument('--measure', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--format', help=argparse.SUPPRESS)
+  p.add_argument('--stage', help=argparse.SUPPRESS)
+  a = p.parse_args()
+  a.root = pathlib.Path(a.dir) / str(a.num_files)
+  if a.measure:
+    print(json.dumps(measure(a)))
+    return
+  prepare(a)
+  shim = build_shim(a.root)
+  latencies = [float(x) for x in a.latency_ms.split(',')]
+  print(f'{a.num_files} JPEGs, local batch {a.batch}, {os.cpu_count()} '
+        f'cores, {a.seconds:g} s after {a.warmup} warm-up batches, each '
+        'measurement in its own process; latency per storage request as '
+        'stated, unlimited bandwidth')
+  print('| format | reads | latency ms | read stage records/s | requests in '
+        'flight (most) | KiB per request | requests per record | read CPU '
+        'µs/record | whole stream images/s | stream CPU ms/image |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for fmt in a.formats.split(','):
+    for latency in latencies:
+      read, stream = (child(a, fmt, stage, latency, shim)
+                      for stage in ('read', 'stream'))
+      print(row(fmt, latency, read, stream), flush=True)
+
+
+if __name__ == '__main__':
+  main()
