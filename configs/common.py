@@ -53,11 +53,13 @@ def parse_arg(arg, **defaults):
 def data_config(source='tfds', name=None, data_dir=None, split='train',
                 path=None) -> ml_collections.ConfigDict:
   """Data source fields; unset strings are typed placeholders so that
-  `--config.data.path=…` works from the command line."""
+  `--config.data.path=…` works from the command line. `reads_in_flight`
+  (TFDS ArrayRecord only): record reads kept in flight, unset = the
+  source's default (droppos_jax.data.sources.READS_IN_FLIGHT)."""
   text = lambda v: config_dict.placeholder(str) if v is None else v
   return ml_collections.ConfigDict(dict(
       source=source, name=text(name), data_dir=text(data_dir), split=split,
-      path=text(path)))
+      path=text(path), reads_in_flight=config_dict.placeholder(int)))
 
 
 def masking_config() -> ml_collections.ConfigDict:
@@ -96,9 +98,10 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
   c.data = data_config('tfds', name='imagenet2012')
   # 0: each crop is resized on the host (tf.data). P > 0: the host decodes
   # the crop window only and ships it padded to P x P; the accelerators do
-  # the same PIL resize and the flip (~0.5 GFLOP per image at P = 512). For
-  # hosts that cannot keep up (the log's data wait); see the README.
-  c.device_resize_window = 0
+  # the same PIL resize and the flip (~0.5 GFLOP per image at P = 512).
+  # -1: by platform, 512 on TPUs and GPUs (their hosts resize too slowly to
+  # feed them), 0 on CPUs; see the README and the planner's input line.
+  c.device_resize_window = -1
   c.batch_size = 4096             # global, over all devices and hosts
   c.grad_accum_steps = 1          # micro-batches per step (exact, see objectives/droppos.py)
   c.epochs = 800

@@ -37,11 +37,10 @@ class Setup(training_loop.Setup):
 def setup(config: ml_collections.ConfigDict, num_examples: int,
           mesh: jax.sharding.Mesh, platform: Optional[str] = None) -> Setup:
   """Validates the config and builds the step exactly as training runs it
-  on `platform` (default: this machine's; the planner passes 'tpu')."""
+  on `platform` (default: this machine's; the planner passes its target's)."""
   hw = settings.image_hw(config.image_size)
-  augment = transforms.TrainAugment(
-      device_resize_window=config.device_resize_window)
-  augment.check_size(hw)
+  augment = transforms.pretrain_augment(
+      config.device_resize_window, hw, platform or jax.default_backend())
   objective_lib = objectives.objective(config.objective.name)
   model = objective_lib.build_model(config.model, platform, hw)
   if config.grad_accum_steps < 1:
@@ -99,13 +98,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   run = run_policy.Run(workdir, config, model_id=model_id,
                        total_steps=s.total_steps,
                        allow_config_change=allow_config_change)
-  logging.info('%d steps (%d/epoch, %d warm-up), grid %s, mesh %s.',
+  logging.info('%d steps (%d/epoch, %d warm-up), grid %s, mesh %s; crops '
+               'resized on the %s (device_resize_window=%d).',
                s.total_steps, s.steps_per_epoch, s.warmup_steps,
-               s.objective.grid, dict(mesh.shape))
-  logging.info('Parameters: %.2fM (projector %.2fM).',
-               sum(x.size for x in jax.tree.leaves(s.abstract_state['params'])) / 1e6,
-               sum(x.size for x in jax.tree.leaves(
-                   s.abstract_state['params']['projector'])) / 1e6)
+               s.objective.grid, dict(mesh.shape),
+               'chips' if s.augment.device_resize_window else 'host',
+               s.augment.device_resize_window)
+  params = s.abstract_state['params']
+  logging.info('Parameters: %.2fM (encoder %.2fM).',
+               sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+               sum(x.size for x in jax.tree.leaves(params['encoder'])) / 1e6)
   evaluation = training_loop.Evaluation(
       due=evaluator.due, run=lambda state, step: evaluator.run(
           state['params'], step),
@@ -113,9 +115,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   ) if evaluator.enabled else None
   hooks = training_loop.Hooks(
       step_input=lambda batch: batch['image'],
-      fields=metric_logging.PRETRAIN_FIELDS,
+      fields=objectives.objective(config.objective.name).fields,
       meta=lambda logged, last_eval, metrics: {
-          'sigma': float(metrics['sigma']), 'seed': config.seed,
+          'objective': config.objective.name, 'seed': config.seed,
           'metrics': logged, 'eval': last_eval},
       summary=lambda meta: meta.get('metrics') or {},
       evaluation=evaluation, drop_keys=('weight_sum',))

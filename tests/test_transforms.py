@@ -136,6 +136,27 @@ def test_device_resize_window_errors(kwargs, hw, message):
     transforms.TrainAugment(**kwargs).check_size(hw)
 
 
+@pytest.mark.parametrize('window,hw,platform,resolved', [
+    (-1, (224, 224), 'tpu', 512), (-1, (224, 224), 'gpu', 512),
+    (-1, (224, 224), 'cpu', 0),
+    # By platform, only where the chips can resize: square, <= 512 pixels.
+    (-1, (224, 160), 'tpu', 0), (-1, (640, 640), 'gpu', 0),
+    (0, (224, 224), 'tpu', 0), (256, (224, 224), 'cpu', 256),
+])
+def test_device_resize_window_by_platform(window, hw, platform, resolved):
+  augment = transforms.pretrain_augment(window, hw, platform)
+  assert augment.device_resize_window == resolved
+  assert augment.randaugment_layers == 0
+
+
+def test_device_resize_window_below_by_platform():
+  with pytest.raises(UserError, match=re.escape(
+      'device_resize_window=-2 must be -1 (by platform: 512 on TPUs and '
+      'GPUs, 0 on CPUs), 0 (resize on the host) or a window size in pixels, '
+      'e.g. 512.')):
+    transforms.pretrain_augment(-2, (224, 224), 'tpu')
+
+
 def test_eval_transform_is_resize_then_centre_crop(photos):
   data = photos[1]
   ours = transforms.eval_transform(tf.constant(data), True, (224, 224))

@@ -207,9 +207,10 @@ CASES = [
     ('train', {'profile_steps': (-1, 3)},
      r'^profile_steps=\(-1, 3\) must be \(first, stop\) with 0 <= first < '
      r'stop, or \(0, 0\) for no profile\.$'),
-    ('train', {'device_resize_window': -1},
-     r'^device_resize_window=-1 must be 0 \(resize on the host\) or a window '
-     r'size in pixels, e\.g\. 512\.$'),
+    ('train', {'device_resize_window': -2},
+     r'^device_resize_window=-2 must be -1 \(by platform: 512 on TPUs and '
+     r'GPUs, 0 on CPUs\), 0 \(resize on the host\) or a window size in '
+     r'pixels, e\.g\. 512\.$'),
     ('train', {'device_resize_window': 16},
      r'^device_resize_window=16 needs a square image_size of at most 16 '
      r'pixels, got \(32, 32\); or set it to 0 \(resize on the host\)\.$'),

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
+from droppos_jax import hardware
 from droppos_jax.data import randaugment
 from droppos_jax.errors import UserError
 
@@ -268,6 +269,33 @@ class TrainAugment:
 
 
 PRETRAIN = TrainAugment()
+
+# device_resize_window = BY_PLATFORM (the default) resolves to
+# PLATFORM_WINDOW on TPUs and GPUs, whose hosts resize too slowly for the
+# chips they feed, and to 0 on CPUs, where the CPU is the accelerator (6 ms
+# per image here); see the README's input pipeline.
+BY_PLATFORM = -1
+PLATFORM_WINDOW = 512
+
+
+def pretrain_augment(window: int, hw: Sequence[int],
+                     platform: str) -> TrainAugment:
+  """Pre-training's transform (crop and flip) for crops of size `hw` with
+  the config's `device_resize_window` = `window` on jax `platform`;
+  BY_PLATFORM resizes on the chips where that is valid (a square crop of
+  at most PLATFORM_WINDOW pixels), else on the host."""
+  if window < BY_PLATFORM:
+    raise UserError(f'device_resize_window={window} must be {BY_PLATFORM} '
+                    f'(by platform: {PLATFORM_WINDOW} on TPUs and GPUs, 0 on '
+                    'CPUs), 0 (resize on the host) or a window size in '
+                    f'pixels, e.g. {PLATFORM_WINDOW}.')
+  if window == BY_PLATFORM:
+    square = hw[0] == hw[1] <= PLATFORM_WINDOW
+    window = (PLATFORM_WINDOW if square and hardware.is_accelerator(platform)
+              else 0)
+  augment = TrainAugment(device_resize_window=window)
+  augment.check_size(hw)
+  return augment
 
 
 def finetune_augment(cfg) -> TrainAugment:
