@@ -108,6 +108,18 @@ def _check_ratios(mask_ratio: float, pos_drop_ratio: float) -> None:
       raise UserError(f'{name}={ratio!r} is outside the valid range [0, 1).')
 
 
+def visible_count(num_patches: int, mask_ratio: float) -> int:
+  """K = int(N*(1-mask_ratio)) visible patches, at least one."""
+  if int(num_patches) < 1:
+    raise UserError(f'num_patches={num_patches!r} must be at least 1.')
+  num_visible = int(num_patches * (1. - mask_ratio))
+  if num_visible < 1:
+    raise UserError(
+        f'mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}; '
+        f'use mask_ratio <= {1. - 1. / num_patches:.4f}.')
+  return num_visible
+
+
 def mask_counts(num_patches: int, mask_ratio: float,
                 pos_drop_ratio: float) -> tuple[int, int]:
   """(K visible patches, K_keep of them keeping their PE), validated.
@@ -116,13 +128,7 @@ def mask_counts(num_patches: int, mask_ratio: float,
   patch must stay visible and at least one visible patch must drop its PE.
   """
   _check_ratios(mask_ratio, pos_drop_ratio)
-  if int(num_patches) < 1:
-    raise UserError(f'num_patches={num_patches!r} must be at least 1.')
-  num_visible = int(num_patches * (1. - mask_ratio))
-  if num_visible < 1:
-    raise UserError(
-        f'mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}; '
-        f'use mask_ratio <= {1. - 1. / num_patches:.4f}.')
+  num_visible = visible_count(num_patches, mask_ratio)
   num_keep_pos = int(num_visible * (1. - pos_drop_ratio))
   if num_keep_pos >= num_visible:
     raise UserError(
@@ -157,6 +163,13 @@ class Masking:
     return mask_counts(int(grid_hw[0]) * int(grid_hw[1]), self.mask_ratio,
                        self.pos_drop_ratio)
 
+  def visible(self, key: jax.Array, batch_size: int, grid_hw: Sequence[int]):
+    """ids_keep int32 [B, K]: the visible patch positions of each sample, in
+    the strategy's random order; for objectives that drop no PE (MAE)."""
+    grid_hw = tuple(grid_hw)
+    num_visible = visible_count(grid_hw[0] * grid_hw[1], self.mask_ratio)
+    return MASKINGS[self.strategy](key, batch_size, grid_hw, num_visible)
+
   def sample(self, key: jax.Array, batch_size: int, grid_hw: Sequence[int]):
     """Draws, per sample, which patches stay visible and which drop their PE.
 
@@ -167,8 +180,7 @@ class Masking:
     """
     num_visible, num_keep_pos = self.counts(grid_hw)
     patch_key, drop_key = jax.random.split(key)
-    ids_keep = MASKINGS[self.strategy](patch_key, batch_size, tuple(grid_hw),
-                                       num_visible)
+    ids_keep = self.visible(patch_key, batch_size, grid_hw)
     ranks = jax.vmap(lambda k: jax.random.permutation(k, num_visible))(
         jax.random.split(drop_key, batch_size))
     return ids_keep, ranks >= num_keep_pos

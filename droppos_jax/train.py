@@ -41,7 +41,7 @@ def setup(config: ml_collections.ConfigDict, num_examples: int,
   hw = settings.image_hw(config.image_size)
   augment = transforms.pretrain_augment(
       config.device_resize_window, hw, platform or jax.default_backend())
-  objective_lib = objectives.objective(config.objective.name)
+  objective_lib = objectives.objective(config)
   model = objective_lib.build_model(config.model, platform, hw)
   if config.grad_accum_steps < 1:
     raise UserError(f'grad_accum_steps={config.grad_accum_steps} must be >= 1.')
@@ -115,7 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   ) if evaluator.enabled else None
   hooks = training_loop.Hooks(
       step_input=lambda batch: batch['image'],
-      fields=objectives.objective(config.objective.name).fields,
+      fields=objectives.objective(config).console,
       meta=lambda logged, last_eval, metrics: {
           'objective': config.objective.name, 'seed': config.seed,
           'metrics': logged, 'eval': last_eval},

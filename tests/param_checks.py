@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from droppos_jax.errors import UserError
-from droppos_jax.models import convert, vit
+from droppos_jax.models import architecture, convert, vit
 from droppos_jax.models import droppos as droppos_lib
+from droppos_jax.models import mae as mae_lib
 
 
 def check_compatible(params, reference_params) -> None:
@@ -43,14 +44,22 @@ def abstract_params(kind: str, config: Mapping[str, Any]):
     s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     return {'encoder': enc['params'], 'fc_norm': {'scale': s(d), 'bias': s(d)},
             'head': {'kernel': s(d, k), 'bias': s(k)}}
+  if kind == 'mae':
+    dec = c['decoder']
+    model = mae_lib.MAE(encoder, mae_lib.PixelDecoder(
+        dec['width'], dec['depth'], dec.get('num_heads') or 1))
+    grid = c.get('grid') or (1, 1)
+    images = jax.ShapeDtypeStruct(
+        (1, grid[0] * p, grid[1] * p, c.get('in_chans', 3)), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, rng, images, ids)['params']
   proj = c['projector']
   n = proj['num_positions']
   grid = c.get('grid') or (1, n)
   images = jax.ShapeDtypeStruct((1, grid[0] * p, grid[1] * p, c.get('in_chans', 3)),
                                 jnp.float32)
-  head = (droppos_lib.LinearHead() if proj.get('head') == 'linear' else
-          droppos_lib.Projector(proj['width'], proj['depth'],
-                                proj.get('num_heads') or 1))
+  head = droppos_lib.position_head(architecture.ProjectorSize(**dict(
+      proj, num_heads=proj.get('num_heads') or 1)))
   model = droppos_lib.DropPos(encoder, head)
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   mask = jax.ShapeDtypeStruct((1, 1), jnp.bool_)

@@ -216,7 +216,8 @@ def test_exported_pos_embed_matches_mae_table(tr):
 
 _CFG = dict(width=WIDTH, depth=DEPTH, mlp_dim=4 * WIDTH, num_heads=HEADS,
             patch_size=PATCH, grid=(4, 6), num_classes=7,
-            projector=dict(width=16, depth=2, num_heads=2, num_positions=24))
+            projector=dict(width=16, depth=2, num_heads=2, num_positions=24),
+            decoder=dict(width=16, depth=2, num_heads=2))
 
 
 def _random_params(kind):
@@ -243,7 +244,8 @@ def test_flax_torch_flax_round_trip_is_exact(kind):
       if k not in ('num_heads', 'grid', 'pos_embed')} | (
           {'projector': dict(width=16, depth=2, num_positions=24,
                              head='transformer')}
-          if kind == 'droppos' else {})
+          if kind == 'droppos' else {}) | (
+              {'decoder': dict(width=16, depth=2)} if kind == 'mae' else {})
 
 
 def test_torch_flax_torch_round_trip_is_exact(tr):

@@ -99,7 +99,8 @@ def test_metrics_in_range_compiled_once_and_exact(monkeypatch):
   chex.clear_trace_counter()
   # Held-out accuracy equals the objective's own metric on the 20 real
   # images with the same fixed masks (padding excluded exactly).
-  queries = evaluator.queries
+  queries = [dict(b, ids_keep=ids, drop_mask=drop) for b, (ids, drop)
+             in zip(evaluator.queries, evaluator.query_masks)]
   real = lambda name: np.concatenate([b[name] for b in queries])[:20]
   _, want = jax.jit(droppos_objective.masked_loss_fn, static_argnums=(1, 6))(
       jax.device_get(params), model, real('image'), real('ids_keep'),

@@ -141,7 +141,12 @@ CASES = [
     ('train', {'model.head': 'linear', 'model.projector_width': 64},
      r"^model\.head='linear' has no width: unset the projector_\* fields"),
     ('train', {'objective.name': 'mae'},
-     r"^objective\.name='mae'; registered: droppos\.$"),
+     r"^objective\.name='mae' needs model\.decoder_width, model\.decoder_depth, "
+     r"model\.decoder_heads, objective\.norm_pix_loss, which this config lacks "
+     r"\(it was made for another objective\); start from "
+     r"configs/mae_pretrain\.py instead\.$"),
+    ('train', {'objective.name': 'beit'},
+     r"^objective\.name='beit'; registered: droppos, mae\.$"),
     ('train', {'masking.strategy': 'grid'},
      r"^masking\.strategy='grid'; registered: random, block\.$"),
     ('train', {'model.projector_width': 30},

@@ -81,7 +81,7 @@ def _randomise(module, seed):
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in module.named_parameters():
-      if name == 'pos_embed':
+      if name.endswith('pos_embed'):  # the fixed sin-cos tables
         continue
       scale = p[0].numel()**-0.5 if p.ndim >= 2 and p.shape[0] > 1 else 0.2
       shift = 1. if 'norm' in name and name.endswith('.weight') else 0.
@@ -216,3 +216,82 @@ def decay_groups(model, weight_decay):
   return [{'params': [p for p in params if p.ndim > 1],
            'weight_decay': weight_decay},
           {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.}]
+
+
+# --------------------------------------------------------------------- MAE ---
+
+class MAE(VisionTransformer):
+  """MAE's MaskedAutoencoderViT (facebookresearch/mae, models_mae.py): the
+  encoder on the visible patches, `mask_token`, `decoder_*` with the fixed
+  sin-cos `decoder_pos_embed`, and its loss. MAE draws its masks from
+  torch.rand inside the forward; here they are given, as `ids_keep`, and
+  turned into MAE's `ids_shuffle`/`ids_restore` so the rest runs as MAE's."""
+
+  def __init__(self, image_hw, patch, dim, depth, heads, decoder_dim,
+               decoder_depth, decoder_heads, norm_pix_loss=True, seed=0):
+    super().__init__(image_hw, patch, dim, depth, heads, seed=seed)
+    self.patch = patch
+    self.norm_pix_loss = norm_pix_loss
+    self.decoder_embed = nn.Linear(dim, decoder_dim)
+    self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+    self.decoder_pos_embed = nn.Parameter(
+        torch.from_numpy(sincos_pos_embed(decoder_dim, self.grid)),
+        requires_grad=False)
+    self.decoder_blocks = nn.ModuleList(
+        [Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
+    self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+    self.decoder_pred = nn.Linear(decoder_dim, patch**2 * 3)
+    _randomise(self, seed + 1)
+
+  def patchify(self, imgs):
+    p = self.patch
+    h, w = imgs.shape[2] // p, imgs.shape[3] // p
+    x = imgs.reshape(imgs.shape[0], 3, h, p, w, p)
+    x = torch.einsum('nchpwq->nhwpqc', x)
+    return x.reshape(imgs.shape[0], h * w, p**2 * 3)
+
+  def masking(self, x, ids_keep):
+    """MAE's random_masking with the kept ids given (first in ids_shuffle)."""
+    n, length, d = x.shape
+    kept = torch.zeros(n, length, dtype=torch.bool).scatter_(1, ids_keep, True)
+    rest = torch.stack([torch.nonzero(~row).flatten() for row in kept])
+    ids_shuffle = torch.cat([ids_keep, rest], dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, d))
+    mask = torch.ones(n, length)
+    mask[:, :ids_keep.shape[1]] = 0
+    return x_masked, torch.gather(mask, 1, ids_restore), ids_restore
+
+  def forward_encoder(self, imgs, ids_keep):
+    x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+    x, mask, ids_restore = self.masking(x, ids_keep)
+    cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+    x = torch.cat((cls, x), dim=1)
+    for blk in self.blocks:
+      x = blk(x)
+    return self.norm(x), mask, ids_restore
+
+  def forward_decoder(self, x, ids_restore):
+    x = self.decoder_embed(x)
+    mask_tokens = self.mask_token.repeat(
+        x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+    for blk in self.decoder_blocks:
+      x = blk(x)
+    return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+  def forward_loss(self, imgs, pred, mask):
+    target = self.patchify(imgs)
+    if self.norm_pix_loss:
+      mean = target.mean(dim=-1, keepdim=True)
+      var = target.var(dim=-1, keepdim=True)
+      target = (target - mean) / (var + 1.e-6)**.5
+    loss = ((pred - target)**2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+  def forward(self, imgs, ids_keep):
+    latent, mask, ids_restore = self.forward_encoder(imgs, ids_keep)
+    pred = self.forward_decoder(latent, ids_restore)
+    return self.forward_loss(imgs, pred, mask), pred, mask

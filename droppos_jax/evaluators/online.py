@@ -56,11 +56,11 @@ def knn_correct(bank_feats, bank_labels, bank_valid, query_feats, query_labels,
   return ((pred == cat(query_labels)) * cat(query_valid)).sum()
 
 
-def encoder_features(model: droppos_model.DropPos, feature: str, params,
-                     images):
-  """[B, D] float32 'cls' or 'gap' feature of the full (unmasked) pass."""
+def encoder_features(model, feature: str, params, images):
+  """[B, D] float32 'cls' or 'gap' feature of the full (unmasked) pass of
+  a pre-training model (any objective's: each has `full_features`)."""
   cls, patches = model.apply({'params': params}, images,
-                             method=droppos_model.DropPos.full_features)
+                             method='full_features')
   return cls if feature == 'cls' else patches.mean(axis=1)
 
 
@@ -94,20 +94,20 @@ def heldout_position_metrics(ev: 'OnlineEvaluator', params) -> dict[str, float]:
   """Position accuracy (hard labels; and attentive-weighted, as training
   logs acc1) and grid distance error on the held-out images' PE-dropped
   tokens, under fixed masks."""
-  outs = jax.device_get([ev.query_fn(params, b['image'], b['mask'],
-                                     b['ids_keep'], b['drop_mask'])
-                         for b in ev.queries])
+  outs = jax.device_get([ev.query_fn(params, b['image'], b['mask'], *masks)
+                         for b, masks in zip(ev.queries, ev.query_masks)])
   sums = {k: sum(float(o[k]) for o in outs) for k in outs[0]}
   return {'heldout_pos_acc': sums['pos_acc'] / sums['dropped'],
           'heldout_pos_acc_weighted': sums['pos_acc_weighted'] / sums['weight_sum'],
           'heldout_dist_err': sums['dist_err'] / sums['dropped']}
 
 
-# name -> metrics(evaluator, params): the online evaluations a pre-training
-# config chooses in `eval.evaluators`; each reads the evaluator's fixed data.
+# name -> (metrics(evaluator, params), the model class it needs or None):
+# the online evaluations a pre-training config chooses in `eval.evaluators`;
+# each reads the evaluator's fixed data.
 ONLINE_EVALUATORS = {
-    'knn': knn_metrics,
-    'heldout_positions': heldout_position_metrics,
+    'knn': (knn_metrics, None),
+    'heldout_positions': (heldout_position_metrics, droppos_model.DropPos),
 }
 
 
@@ -124,12 +124,13 @@ class OnlineEvaluator:
   labels, PE-dropped tokens, unweighted), 'heldout_pos_acc_weighted'
   (attentive weights, as training logs acc1), 'heldout_dist_err' (grid
   units)} as floats. The evaluations read `bank` and `queries` (lists of
-  device batches; the queries carry fixed masks) and the jitted
+  device batches), the queries' fixed `query_masks` (drawn when first
+  read, by the evaluations of PE-dropped positions) and the jitted
   `features_fn`, `query_fn` and `knn_fn`.
   """
 
   def __init__(self, config_eval: ml_collections.ConfigDict, *,
-               model: droppos_model.DropPos, obj_cfg: droppos_objective.ObjectiveConfig,
+               model: Any, obj_cfg: Any,
                mesh: jax.sharding.Mesh):
     c = config_eval
     self.enabled = bool(c.enabled)
@@ -141,6 +142,12 @@ class OnlineEvaluator:
                       f'{", ".join(ONLINE_EVALUATORS)}.')
     if self.every_steps < 1:
       raise UserError(f'eval.every_steps={c.every_steps} must be >= 1.')
+    for name in self.evaluators:
+      needs = ONLINE_EVALUATORS[name][1]
+      if needs is not None and not isinstance(model, needs):
+        raise UserError(f'eval.evaluators names {name!r}, which needs a '
+                        f'{needs.__name__} model, not {type(model).__name__}; '
+                        'drop it from eval.evaluators.')
     if c.knn_feature not in FEATURES:
       raise UserError(f'eval.knn_feature={c.knn_feature!r}; valid: {FEATURES}.')
     if not c.knn_temperature > 0:
@@ -159,22 +166,14 @@ class OnlineEvaluator:
                  self.num_bank, self.num_queries, self.every_steps,
                  time.perf_counter() - start)
 
-  def _load(self, c, obj_cfg: droppos_objective.ObjectiveConfig,
-            mesh: jax.sharding.Mesh) -> None:
-    """The bank and the queries on the devices, the queries' fixed masks
-    (batch i from fold_in(key(seed), i)) and the k-NN vote."""
+  def _load(self, c, obj_cfg: Any, mesh: jax.sharding.Mesh) -> None:
+    """The bank and the queries on the devices and the k-NN vote."""
     load = lambda data, num: list(device.eval_batches(
         sources.open_source(data), image_hw=obj_cfg.image_hw,
         batch_size=c.batch_size, num_examples=num, mesh=mesh))
     self.bank = load(c.bank_data, c.num_bank_examples)
     self.queries = load(c.query_data, c.num_query_examples)
-    sample = jax.jit(functools.partial(obj_cfg.masking.sample,
-                                       batch_size=c.batch_size,
-                                       grid_hw=obj_cfg.grid),
-                     out_shardings=self.queries[0]['image'].sharding)
-    for i, batch in enumerate(self.queries):
-      batch['ids_keep'], batch['drop_mask'] = sample(
-          jax.random.fold_in(jax.random.key(c.seed), i))
+    self._obj_cfg, self._seed = obj_cfg, c.seed
     host = lambda batches, name: np.concatenate([
         multihost_utils.process_allgather(b[name], tiled=True)
         for b in batches])
@@ -189,6 +188,17 @@ class OnlineEvaluator:
         knn_correct, k=int(c.knn_k), temperature=float(c.knn_temperature),
         num_classes=num_classes))
 
+  @functools.cached_property
+  def query_masks(self) -> list[tuple[jax.Array, jax.Array]]:
+    """(ids_keep, drop_mask) of each query batch, fixed: batch i's from
+    fold_in(key(eval.seed), i)."""
+    sample = jax.jit(functools.partial(
+        self._obj_cfg.masking.sample, batch_size=self.queries[0]['image'].shape[0],
+        grid_hw=self._obj_cfg.grid),
+                     out_shardings=self.queries[0]['image'].sharding)
+    return [sample(jax.random.fold_in(jax.random.key(self._seed), i))
+            for i in range(len(self.queries))]
+
   def due(self, step: int, last_step: int | None = None) -> bool:
     """Every `every_steps` steps, and at `last_step` (the run's end)."""
     return self.enabled and (step % self.every_steps == 0 or step == last_step)
@@ -200,7 +210,7 @@ class OnlineEvaluator:
     start = time.perf_counter()
     metrics = {}
     for name in self.evaluators:
-      metrics.update(ONLINE_EVALUATORS[name](self, params))
+      metrics.update(ONLINE_EVALUATORS[name][0](self, params))
     logging.info('[%d] online eval: %s, %.1f s.', step, ', '.join(
         f'{k} {v:.4g}' for k, v in metrics.items()),
                  time.perf_counter() - start)

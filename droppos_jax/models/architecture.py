@@ -22,6 +22,14 @@ class ProjectorSize:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecoderSize:
+  """MAE's pixel decoder (models/mae.py)."""
+  width: int
+  depth: int
+  num_heads: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Architecture:
   """Sizes of the weights. num_heads is not stored in weights: it comes from
   the run config, our file metadata, the size table by width, or None."""
@@ -33,6 +41,7 @@ class Architecture:
   in_chans: int = 3
   projector: Optional[ProjectorSize] = None    # DropPos only
   num_classes: Optional[int] = None            # classifiers and linear probes
+  decoder: Optional[DecoderSize] = None        # MAE only
 
   @property
   def variant(self) -> Optional[str]:
@@ -50,6 +59,8 @@ class Architecture:
     d = dict(d)
     if d.get('projector'):
       d['projector'] = ProjectorSize(**d['projector'])
+    if d.get('decoder'):
+      d['decoder'] = DecoderSize(**d['decoder'])
     return cls(**d)
 
   def vit(self, **kwargs: Any) -> vit.VisionTransformer:

@@ -10,7 +10,9 @@ against `posemb_sincos_2d` and used to find the patch grid; a learned one is
 reported loudly and dropped.
 
 Layouts (`kind`): 'encoder' (VisionTransformer params), 'droppos' (DropPos:
-`encoder`, `mask_pos_token`, `projector`), 'classifier' (fine-tuned:
+`encoder`, `mask_pos_token`, `projector`), 'mae' (MAE pre-training:
+`encoder`, `mask_token`, `decoder`; MAE's `decoder_pos_embed` is its fixed
+sin-cos table, checked and regenerated like `pos_embed`), 'classifier' (fine-tuned:
 `{'encoder', 'fc_norm', 'head'}`; MAE's global-pool model has no final `norm`)
 and 'linear_probe' (MAE's linear probe: `encoder` with its final norm, the
 BatchNorm statistics `head_norm/{mean,var}` <-> `head.0.running_{mean,var}`
@@ -34,9 +36,10 @@ import numpy as np
 from droppos_jax.errors import UserError
 from droppos_jax.models import architecture
 from droppos_jax.models import droppos as droppos_lib
+from droppos_jax.models import mae as mae_lib
 from droppos_jax.models import vit
 
-KINDS = ('encoder', 'droppos', 'classifier', 'linear_probe')
+KINDS = ('encoder', 'droppos', 'mae', 'classifier', 'linear_probe')
 _CONTAINER_KEYS = ('model', 'state_dict', 'module')
 _HEADS_BY_WIDTH = {v[0]: v[3] for v in vit.VARIANTS.values()}
 _PROJECTOR_HEADS_BY_WIDTH = {v[0]: v[2] for v in droppos_lib.PROJECTORS.values()}
@@ -77,12 +80,14 @@ def _to_numpy(x) -> np.ndarray:
 def guess_kind(state_dict: Mapping[str, Any]) -> str:
   """The layout of a cleaned reference state dict, read from its names.
 
-  DropPos files have `mask_pos_token` (MAE pre-training files have a decoder
-  but no such token: they read as encoders); MAE's linear probe wraps its head
-  as `head.0` (BatchNorm) + `head.1`; a `head` alone is a fine-tuned model.
+  DropPos files have `mask_pos_token`, MAE pre-training files `mask_token`;
+  MAE's linear probe wraps its head as `head.0` (BatchNorm) + `head.1`; a
+  `head` alone is a fine-tuned model.
   """
   if 'mask_pos_token' in state_dict:
     return 'droppos'
+  if 'mask_token' in state_dict:
+    return 'mae'
   if 'head.1.weight' in state_dict:
     return 'linear_probe'
   if 'head.weight' in state_dict:
@@ -159,6 +164,17 @@ def _position_head_shapes(proj: Mapping[str, Any], width_in: int):
           for k, v in _flatten(tree).items()}
 
 
+def _pixel_decoder_shapes(dec: Mapping[str, Any], width_in: int, pixels: int):
+  """Flax path -> shape of MAE's decoder `dec` ({width, depth, num_heads})
+  on `width_in`-wide tokens predicting `pixels` values per patch."""
+  module = mae_lib.PixelDecoder(dec['width'], dec['depth'],
+                                dec.get('num_heads') or 1)
+  tree = jax.eval_shape(lambda: module.init(
+      jax.random.key(0), jnp.zeros((1, 2, width_in)), jnp.zeros((1, 1), int),
+      jnp.zeros((1, 1, dec['width'])), (1, 1), pixels))['params']
+  return {('decoder',) + k: tuple(v.shape) for k, v in _flatten(tree).items()}
+
+
 def _position_head(found: set[str], width_in: int, sizes: Mapping[str, Any]):
   """The ProjectorSize dict of the registered position head whose tensors
   are exactly the `decoder_*` names `found`, at the `sizes` read from them
@@ -194,6 +210,11 @@ def _leaves(kind: str, cfg: Mapping[str, Any]) -> list[_Leaf]:
     out.append(_Leaf('mask_pos_token', ('mask_pos_token',), 'copy', (1, 1, d)))
     if cfg.get('projector'):
       out += _decoder_leaves(_position_head_shapes(cfg['projector'], d))
+  if kind == 'mae' and cfg.get('decoder'):
+    dec = cfg['decoder']
+    out.append(_Leaf('mask_token', ('mask_token',), 'copy',
+                     (1, 1, dec['width'])))
+    out += _decoder_leaves(_pixel_decoder_shapes(dec, d, p * p * c))
   if kind == 'classifier':
     if cfg['fc_norm'] or not cfg['final_norm']:
       out += _norm('fc_norm', ('fc_norm',), d)
@@ -306,26 +327,51 @@ def _infer(sd, num_heads=None, grid_hw=None, projector_num_heads=None,
     if head in sd and sd[head].ndim == 2:
       cfg['num_classes'] = int(sd[head].shape[0])
   if any(k.startswith('decoder_') for k in sd):
-    pdepth = _block_ids(sd, 'decoder_blocks')
-    emb = sd.get('decoder_embed.weight')
-    pwidth = int(emb.shape[0]) if emb is not None and emb.ndim == 2 else (
-        _first_shape(sd, 'decoder_blocks.{}.attn.proj.weight', pdepth))
-    pred = sd.get('decoder_pred.weight')
-    n = grid[0] * grid[1] if grid else (
-        int(pred.shape[0]) if pred is not None and pred.ndim == 2 else None)
-    heads = projector_num_heads or _PROJECTOR_HEADS_BY_WIDTH.get(pwidth)
-    cfg['projector'] = _position_head(
-        {k for k in sd if k.startswith('decoder_')}, width, dict(
-        width=pwidth, depth=pdepth, num_heads=heads, num_positions=n))
-    if heads is None and pwidth is not None:
-      notes.append(f'projector num_heads unknown for width {pwidth}: pass '
-                   'projector_num_heads to build the model.')
-    if grid is None and n is not None and math.isqrt(n) ** 2 == n:
-      cfg['grid'] = grid = (math.isqrt(n),) * 2
+    grid = _infer_decoder(sd, cfg, projector_num_heads, warnings, notes)
   if grid is None:
     notes.append('Patch grid unknown (no sin-cos pos_embed): pass grid_hw to '
                  'export this model back to PyTorch.')
   return cfg, cls_row, warnings, notes
+
+
+def _infer_decoder(sd, cfg, num_heads, warnings, notes):
+  """Adds the decoder of a pre-training file to `cfg`: MAE's pixel decoder
+  ('decoder', with `mask_token`) or DropPos's position head ('projector');
+  returns the grid, which a square position count may tell."""
+  width, grid = cfg['width'], cfg['grid']
+  depth = _block_ids(sd, 'decoder_blocks')
+  emb = sd.get('decoder_embed.weight')
+  dwidth = int(emb.shape[0]) if emb is not None and emb.ndim == 2 else (
+      _first_shape(sd, 'decoder_blocks.{}.attn.proj.weight', depth))
+  heads = num_heads or _PROJECTOR_HEADS_BY_WIDTH.get(dwidth)
+  if heads is None and dwidth is not None:
+    notes.append(f'decoder num_heads unknown for width {dwidth}: pass '
+                 'projector_num_heads to build the model.')
+  if 'mask_token' in sd:
+    cfg['decoder'] = dict(width=dwidth, depth=depth, num_heads=heads)
+    pe = sd.get('decoder_pos_embed')
+    if pe is not None and grid is not None and dwidth and dwidth % 4 == 0 and (
+        pe.shape != (1, 1 + grid[0] * grid[1], dwidth) or not np.allclose(
+            pe[0], _pos_embed(grid, dwidth)[0], rtol=0, atol=1e-4)):
+      warnings.append('decoder_pos_embed is not the fixed 2-D sin-cos table '
+                      'MAE uses: it is dropped (ours is always sin-cos).')
+    return grid
+  pred = sd.get('decoder_pred.weight')
+  n = grid[0] * grid[1] if grid else (
+      int(pred.shape[0]) if pred is not None and pred.ndim == 2 else None)
+  cfg['projector'] = _position_head(
+      {k for k in sd if k.startswith('decoder_')}, width, dict(
+          width=dwidth, depth=depth, num_heads=heads, num_positions=n))
+  if grid is None and n is not None and math.isqrt(n) ** 2 == n:
+    cfg['grid'] = grid = (math.isqrt(n),) * 2
+  return grid
+
+
+def _pos_embed(grid, width) -> np.ndarray:
+  """[1, 1+h*w, width]: the sin-cos table with a zero [cls] row, as MAE
+  stores `pos_embed` and `decoder_pos_embed`."""
+  return np.concatenate([np.zeros((1, width), np.float32),
+                         vit.posemb_sincos_2d(*grid, width)])[None]
 
 
 def infer_vit_config(state_dict: Mapping[str, Any], *, num_heads: int | None = None,
@@ -383,8 +429,9 @@ class ConversionReport:
              f'  architecture: width {c["width"]}, depth {c["depth"]}, mlp '
              f'{c["mlp_dim"]}, heads {c["num_heads"]}, patch {c["patch_size"]}, '
              f'grid {grid}, in_chans {c["in_chans"]}']
-    if 'projector' in c:
-      lines.append(f'  projector: {c["projector"]}')
+    for part in ('projector', 'decoder'):
+      if part in c:
+        lines.append(f'  {part}: {c[part]}')
     if 'num_classes' in c:
       lines.append(f'  head: {c["num_classes"]} classes')
     lines.append({
@@ -438,9 +485,11 @@ def torch_to_flax(state_dict: Mapping[str, Any], *, kind: str,
   sd, dtypes = _clean(state_dict)
   cfg, cls_row, warnings, notes = _infer(sd, num_heads, grid_hw,
                                          projector_num_heads, dtypes)
-  # Not parameters here: the sin-cos table (recomputed from the grid) and
+  # Not parameters here: the sin-cos tables (recomputed from the grid) and
   # BatchNorm's step counter (unused by a BatchNorm with momentum).
   skipped = {'pos_embed', 'head.0.num_batches_tracked'} & set(sd)
+  if kind == 'mae':
+    skipped.add('decoder_pos_embed')
   params, used, missing, mismatches = {}, set(skipped), [], []
   for leaf in _leaves(kind, cfg):
     arr = sd.get(leaf.torch_key)
@@ -506,17 +555,22 @@ def _config_from_flax(flat, kind):
              mlp_dim=fc1.shape[1] if fc1 is not None else None,
              final_norm=enc + ('norm', 'scale') in flat,
              fc_norm=('fc_norm', 'scale') in flat)
+  root = {'droppos': 'projector', 'mae': 'decoder'}.get(kind)
+  if root:
+    depth = max((int(m.group(1)) for path in flat if path[0] == root
+                 if (m := re.fullmatch(r'blocks_(\d+)', path[1]))),
+                default=-1) + 1
+    emb = flat.get((root, 'embed', 'kernel'))
+    width = None if emb is None else emb.shape[1]
+  if kind == 'mae':
+    cfg['decoder'] = dict(width=width, depth=depth)
   if kind == 'droppos':
-    pdepth = max((int(m.group(1)) for path in flat if path[0] == 'projector'
-                  if (m := re.fullmatch(r'blocks_(\d+)', path[1]))),
-                 default=-1) + 1
-    emb = flat.get(('projector', 'embed', 'kernel'))
     pred = flat.get(('projector', 'pred', 'kernel'))
     names = {l.torch_key for l in _decoder_leaves(
         {k: None for k in flat if k[0] == 'projector'})}
     cfg['projector'] = _position_head(names, d, dict(
-        width=None if emb is None else emb.shape[1], depth=pdepth,
-        num_heads=None, num_positions=None if pred is None else pred.shape[1]))
+        width=width, depth=depth, num_heads=None,
+        num_positions=None if pred is None else pred.shape[1]))
     del cfg['projector']['num_heads']  # not in weights; from the metadata
   if kind in ('classifier', 'linear_probe') and ('head', 'kernel') in flat:
     cfg['num_classes'] = flat[('head', 'kernel')].shape[1]
@@ -547,11 +601,11 @@ def flax_to_torch(params: Mapping[str, Any], *, kind: str,
   if missing or extra:
     raise UserError(f'params do not have the {kind!r} layout: missing '
                     f'{missing or "nothing"}; unexpected {extra or "nothing"}.')
-  d = cfg['width']
   state = {l.torch_key: np.ascontiguousarray(_TO_TORCH[l.op](flat[l.flax_path]))
            for l in leaves}
-  pos = np.concatenate([np.zeros((1, d), np.float32),
-                        vit.posemb_sincos_2d(h, w, d)])[None]
+  pos = _pos_embed((h, w), cfg['width'])
+  if kind == 'mae':
+    state['decoder_pos_embed'] = _pos_embed((h, w), cfg['decoder']['width'])
   if kind == 'linear_probe':  # torch's BatchNorm counter; unused with momentum
     state['head.0.num_batches_tracked'] = np.zeros((), np.int64)
   return {'pos_embed': pos, **state}

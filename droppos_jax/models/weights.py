@@ -44,6 +44,7 @@ ACCEPTED = ('a pre-training or fine-tuning workdir (or its checkpoints/ or a '
             'step folder), or a .safetensors, .pth/.pt/.bin (PyTorch) or .npz '
             'weights file')
 KIND_NAMES = {'droppos': 'DropPos pre-training checkpoint',
+              'mae': 'MAE pre-training checkpoint',
               'classifier': 'fine-tuned classifier',
               'linear_probe': 'linear probe',
               'encoder': 'plain ViT encoder'}
@@ -55,8 +56,8 @@ PRODUCER = 'droppos_jax'
 @dataclasses.dataclass(frozen=True)
 class Weights:
   """What `read` found. `params` is the tree of `kind` in our naming:
-  'droppos' {'encoder', 'mask_pos_token', 'projector'}, 'classifier'
-  {'encoder', 'fc_norm', 'head'} (timm-style: encoder with `norm`, no
+  'droppos' {'encoder', 'mask_pos_token', 'projector'}, 'mae' {'encoder',
+  'mask_token', 'decoder'}, 'classifier' {'encoder', 'fc_norm', 'head'} (timm-style: encoder with `norm`, no
   fc_norm), 'linear_probe' {'encoder', 'head'}, 'encoder' the ViT itself."""
   kind: str
   params: dict[str, Any]
@@ -202,9 +203,11 @@ def _read_run(path: epath.Path, what: str, num_heads) -> Weights:
 def _run_kind(params, meta) -> str:
   """The kind a run's meta declares, checked against its params tree."""
   protocol = meta.get('protocol')
-  kind = {None: 'droppos', 'finetune': 'classifier',
+  # Pre-training meta names its objective (older runs: DropPos's).
+  kind = {None: meta.get('objective', 'droppos'), 'finetune': 'classifier',
           'linear_probe': 'linear_probe'}.get(protocol)
   needs = {'droppos': ('encoder', 'mask_pos_token', 'projector'),
+           'mae': ('encoder', 'mask_token', 'decoder'),
            'classifier': ('encoder', 'fc_norm', 'head'),
            'linear_probe': ('encoder', 'head')}.get(kind)
   if needs is None or not set(needs) <= set(params):
@@ -327,10 +330,12 @@ def _read_file(path: epath.Path, what: str, num_heads) -> Weights:
   if cfg['grid'] is not None and image_hw is None:
     image_hw = tuple(g * cfg['patch_size'] for g in cfg['grid'])
   p = cfg.get('projector') if kind == 'droppos' else None
+  dec = cfg.get('decoder') if kind == 'mae' else None
   arch = architecture.Architecture(
       cfg['width'], cfg['depth'], cfg['mlp_dim'], cfg['num_heads'],
       cfg['patch_size'], cfg['in_chans'],
-      architecture.ProjectorSize(**p) if p else None, cfg.get('num_classes'))
+      architecture.ProjectorSize(**p) if p else None, cfg.get('num_classes'),
+      architecture.DecoderSize(**dec) if dec else None)
   batch_stats = None
   if kind == 'linear_probe':
     batch_stats = {'head_norm': params.pop('head_norm')}

@@ -8,12 +8,12 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from droppos_jax import losses, masking
 from droppos_jax.errors import UserError
 from droppos_jax.models import droppos as droppos_model
 from droppos_jax.models import vit
+from droppos_jax.objectives import steps
 
 
 # The authors' code sizes its smoothing map for N = (input_size // 14)**2
@@ -108,8 +108,8 @@ def accumulated_grads(params, model, images, ids_keep, drop_mask, sigma,
 
   The loss is sum(w*CE)/sum(w) over the whole batch, so micro-batch gradients
   are combined weighted by their own sum(w), not averaged: this gives exactly
-  the full-batch gradient (w carries no gradient). Micro-batch m takes rows
-  m, m+A, m+2A, ... so every device contributes to every micro-batch.
+  the full-batch gradient (w carries no gradient); steps.microbatches says
+  which rows each micro-batch takes.
   """
   grad_fn = jax.value_and_grad(masked_loss_fn, has_aux=True)
   if accum_steps == 1:
@@ -172,12 +172,8 @@ def make_train_step(model: droppos_model.DropPos, tx, cfg: ObjectiveConfig, *,
     sigma = cfg.sigma_at(step)
     grads, metrics = accumulated_grads(state['params'], model, images, ids_keep,
                                        drop_mask, sigma, cfg, accum_steps)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    metrics = dict(metrics, sigma=sigma, lr=lr_fn(step),
-                   grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params))
-    return {'step': step + 1, 'params': params, 'opt_state': opt_state}, metrics
+    return steps.apply_gradients(state, grads, dict(metrics, sigma=sigma), tx,
+                                 lr_fn)
 
   return train_step
 
