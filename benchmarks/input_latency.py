@@ -23,8 +23,9 @@ process each, after warm-up:
     order, before any decoding: streams._indexed_records for ArrayRecord,
     streams._file_records for TFRecord), and its CPU time per record;
   - stream: images/s of the whole pre-training stream (decode the crop
-    window, resize to 224 px, flip; uint8 batches on the host), and its CPU
-    time per image.
+    window, resize to 224 px, flip; uint8 batches on the host; with
+    --device_resize_window the host's part only: decode and pad the window),
+    and its CPU time per image.
 Asserts nothing.
 """
 from __future__ import annotations
@@ -81,7 +82,8 @@ def measure(a) -> dict:
     batches = iter(records.batch(a.batch).prefetch(2))
   else:
     batches = streams.train_stream(
-        source, transforms.TrainAugment(), image_size=224,
+        source, transforms.TrainAugment(
+            device_resize_window=a.device_resize_window), image_size=224,
         global_batch_size=a.batch, seed=0)
   for _ in range(a.warmup):
     next(batches)
@@ -110,7 +112,7 @@ def child(a, fmt: str, stage: str, latency_ms: float, shim) -> dict:
   argv = [sys.executable, __file__, '--measure', '--format', fmt, '--stage',
           stage, '--dir', a.dir, '--num_files', str(a.num_files), '--batch',
           str(a.batch), '--seconds', str(a.seconds), '--warmup',
-          str(a.warmup)]
+          str(a.warmup), '--device_resize_window', str(a.device_resize_window)]
   if a.reads_in_flight:
     argv += ['--reads_in_flight', str(a.reads_in_flight)]
   out = subprocess.run(argv, env=env, check=True, capture_output=True,
@@ -155,6 +157,8 @@ def main():
   p.add_argument('--formats', default=','.join(FORMATS))
   p.add_argument('--reads_in_flight', type=int, default=0,
                  help='data.reads_in_flight for ArrayRecord; 0: its default')
+  p.add_argument('--device_resize_window', type=int, default=0,
+                 help='the stream as with this config value (0: host resize)')
   p.add_argument('--measure', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--format', help=argparse.SUPPRESS)
   p.add_argument('--stage', help=argparse.SUPPRESS)
@@ -167,7 +171,8 @@ def main():
   shim = build_shim(a.root)
   latencies = [float(x) for x in a.latency_ms.split(',')]
   print(f'{a.num_files} JPEGs, local batch {a.batch}, {os.cpu_count()} '
-        f'cores, {a.seconds:g} s after {a.warmup} warm-up batches, each '
+        f'cores, device_resize_window={a.device_resize_window}, '
+        f'{a.seconds:g} s after {a.warmup} warm-up batches, each '
         'measurement in its own process; latency per storage request as '
         'stated, unlimited bandwidth')
   print('| format | reads | latency ms | read stage records/s | requests in '
