@@ -168,7 +168,7 @@ def curve_row(name: str, reference: np.ndarray, losses: np.ndarray,
               f'{int(np.argmax(np.abs(losses - reference))) + 1}')
   return Row(
       f'training: {name} vs true float32, {len(reference)} demo steps',
-      f'max |loss diff| {diff:.4f}; fall {fall:.3f}; final loss '
+      f'max abs loss diff {diff:.4f}; fall {fall:.3f}; final loss '
       f'{losses[-1]:.4f} vs {reference[-1]:.4f}',
       f'<= {tolerance:.0%} of the fall = {limit:.4f}',
       FAIL if reason else PASS, reason,
@@ -268,6 +268,13 @@ class Recipe:
             m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
+def random_images(s: train.Setup) -> jax.Array:
+  """A seeded batch of the step's input shape, laid out as the step takes it."""
+  return jax.device_put(
+      jax.random.normal(jax.random.key(1), s.batch_spec.shape),
+      s.batch_spec.sharding)
+
+
 def device_summary(mesh) -> str:
   d = mesh.devices.flat[0]
   return f'{mesh.size} x {d.device_kind} ({d.platform}), jax {jax.__version__}'
@@ -316,10 +323,7 @@ def check_attention(recipe: Recipe, candidate: str = 'cudnn') -> Row:
     return Row('attention: cuDNN vs XLA, bfloat16', '-', ATTENTION_EXPECTED,
                SKIP, reason)
   s = recipe.setup()
-  params = s.init_state()['params']
-  images = jax.device_put(
-      jax.random.normal(jax.random.key(1), s.batch_spec.shape),
-      s.batch_spec.sharding)
+  params, images = s.init_state()['params'], random_images(s)
   run = lambda **kw: attention_outputs(recipe, params, images, **kw)
   reference = run(dtype='float32', attention='xla', precision='highest')
   errors = {}
@@ -372,9 +376,7 @@ def check_step(recipe: Recipe, dtype: str, min_mfu: float
   """The recipe's step in `dtype`: (its row, median seconds per step)."""
   per = recipe.sizes.batch_per_device
   s, step = recipe.compiled(per, dtype)
-  images = jax.device_put(
-      jax.random.normal(jax.random.key(1), s.batch_spec.shape),
-      s.batch_spec.sharding)
+  images = random_images(s)
   times = step_time.timed(lambda state: jax.block_until_ready(
       step(state, images)[0]), s.init_state(), recipe.sizes.steps,
       WARMUP_STEPS)
@@ -383,7 +385,7 @@ def check_step(recipe: Recipe, dtype: str, min_mfu: float
   tflops = flops / seconds / 1e12
   measured = (f'{formatting.duration(seconds)}/step, '
               f'{s.batch_spec.shape[0] / seconds:,.0f} img/s, '
-              f'{tflops:.2f} TFLOP/s per device')
+              f'{tflops:.3g} TFLOP/s per device')
   kind = recipe.mesh.devices.flat[0].device_kind
   chip = hardware.chip(kind)
   verdict, reason, mfu = SKIP, (f'no peak FLOP/s known for {kind!r} '
@@ -423,7 +425,7 @@ def check_batch(recipe: Recipe) -> Row:
       step=sizes.search_step, maximum=2**16, max_probes=sizes.max_probes)
   bracket = '' if hi - lo <= sizes.search_step else f' (< {hi}: search stopped)'
   at = f', {size(probed[lo])}' if lo else ''
-  measured = (f'{lo}{at} of {size(limit)} ({source}){bracket}; '
+  measured = (f'{lo} per device{at} of {size(limit)} ({source}){bracket}; '
               f'{len(probed)} compiles; not run at that batch')
   fits = probed[sizes.batch_per_device] <= limit
   return Row(name, measured, expected, PASS if fits else FAIL,
@@ -483,7 +485,8 @@ def run_check(rows: list[Row], name: str, fn: Callable[[], Any]) -> Any:
 
 
 def table(rows: list[Row]) -> str:
-  """The verdict table, Markdown."""
+  """The verdict table, Markdown; s: the check's wall seconds (a check with
+  two rows splits them)."""
   lines = ['| check | measured | expected | verdict | s |', '|---|---|---|---|---|']
   for r in rows:
     verdict = f'{r.verdict}: {r.reason}' if r.reason else r.verdict

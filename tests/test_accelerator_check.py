@@ -107,6 +107,7 @@ def test_quick_run_rows(quick):
   assert [r['verdict'] for r in written['rows']] == [r.verdict for r in rows]
   for row in rows:
     assert row.verdict in (ac.PASS, ac.FAIL, ac.SKIP)
+    assert '|' not in row.check + row.measured + row.expected + row.reason
     assert bool(row.reason) == (row.verdict != ac.PASS), row
   attention, f32, bf16, step32, step16, batch, feed = rows
   assert attention.verdict == ac.SKIP and 'NVIDIA GPUs only' in attention.reason
