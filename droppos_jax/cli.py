@@ -30,6 +30,10 @@ def probe_position() -> None:
   _main('probe_position')
 
 
+def position_awareness() -> None:
+  _main('position_awareness')
+
+
 def visualize() -> None:
   _main('visualize')
 

@@ -109,6 +109,12 @@ def _load_config_file(value: str) -> Any:
   return module.get_config(arg or None)
 
 
+def load_config(value: str) -> Any:
+  """The config a `--config` value names (a file `path.py[:arg]` or a
+  packaged config's name), as the commands read it."""
+  return _load_config_file(_checked_config(value))
+
+
 def check_config_kind(config: Any, reference: str, command: str) -> None:
   """Refuses a config made for another command: it must have every
   top-level field of the packaged config `reference`."""

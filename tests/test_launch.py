@@ -27,7 +27,8 @@ def test_console_scripts_and_top_level_scripts_go_through_cli():
   for target in scripts.values():
     module, function = target.split(':')
     assert module == 'droppos_jax.cli' and callable(getattr(cli, function))
-  for name in ('train', 'finetune', 'probe_position', 'visualize', 'export'):
+  for name in ('train', 'finetune', 'probe_position', 'position_awareness',
+               'visualize', 'export'):
     assert f'cli.{name}()' in (REPO / f'{name}.py').read_text()
 
 
