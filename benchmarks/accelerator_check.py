@@ -509,7 +509,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='compute dtypes of the step check')
   p.add_argument('--loss_tolerance', type=float, default=0.05,
                  help="max |loss diff| as a share of the reference's fall")
-  p.add_argument('--min_mfu', type=float, default=0.3)
+  p.add_argument('--min_mfu', type=float, default=0.3,
+                 help='the MFU (0 to 1) each timed step must reach')
   p.add_argument('--memory_limit_mib', type=float,
                  help="per device (default: the device's bytes_limit)")
   p.add_argument('--out', help='also write the rows as JSON here')
