@@ -1,7 +1,7 @@
 """benchmarks/input_latency.py: its storage model (storage_latency.c) delays
 each read of a file under the prefix by the latency it is given, counts the
 requests, their bytes and the most in flight, and leaves other files alone;
-the benchmark's quick command prints its table."""
+the benchmark's quick command prints its rows."""
 import json
 import pathlib
 import shutil
@@ -75,16 +75,17 @@ def test_without_the_shim_there_are_no_stats():
 
 
 @pytest.mark.slow
-def test_quick_command_prints_a_row_per_format_and_latency(tmp_path):
+def test_quick_command_prints_a_row_per_format(tmp_path):
   out = subprocess.run(
       [sys.executable, str(BENCHMARKS / 'input_latency.py'), '--dir',
        str(tmp_path), '--num_files', '64', '--batch', '8', '--seconds', '0.3',
-       '--warmup', '1', '--latency_ms', '0,20'],
+       '--warmup', '1', '--latency_ms', '20'],
       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [line.split(' | ') for line in out.stdout.splitlines()
           if line.startswith(('| array_record', '| tfrecord'))]
-  assert [(r[0], r[2]) for r in rows] == [
-      ('| array_record', '0'), ('| array_record', '20'), ('| tfrecord', '0'),
-      ('| tfrecord', '20')]
-  assert rows[1][1] == f'{sources.READS_IN_FLIGHT} in flight'
+  assert [r[:3] for r in rows] == [
+      ['| array_record', f'{sources.READS_IN_FLIGHT} in flight', '20'],
+      ['| tfrecord', 'files interleaved', '20']]
+  for r in rows:  # records/s, the most requests in flight: measured
+    assert float(r[3].replace(',', '')) > 0 and int(r[4]) >= 1
