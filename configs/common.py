@@ -122,6 +122,18 @@ def base_pretrain_config() -> ml_collections.ConfigDict:
   return c
 
 
+def smoke_run(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a pre-training recipe to a few steps of a tiny ViT on the demo
+  photos (the recipes' `runlocal`)."""
+  c.model.variant = 'mu/16'
+  c.batch_size = 16
+  c.num_train_steps = 5
+  c.warmup_epochs = 0
+  c.log_every = 1
+  c.ckpt_every = 5
+  c.data = data_config('demo')
+
+
 def eval_config() -> ml_collections.ConfigDict:
   """The online evaluator's block of a pre-training config (off unless
   enabled): k-NN on labelled images and held-out position accuracy."""

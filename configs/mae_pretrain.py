@@ -45,12 +45,6 @@ def get_config(arg=None):
   c.epochs = args.epochs
   c.warmup_epochs = 40
   if args.runlocal:
-    c.model.variant = 'mu/16'
+    common.smoke_run(c)
     c.model.update(decoder_width=64, decoder_depth=1, decoder_heads=4)
-    c.batch_size = 16
-    c.num_train_steps = 5
-    c.warmup_epochs = 0
-    c.log_every = 1
-    c.ckpt_every = 5
-    c.data = common.data_config('demo')
   return c

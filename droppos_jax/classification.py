@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from droppos_jax import optim
+from droppos_jax import optim, settings
 from droppos_jax.errors import UserError
 from droppos_jax.models import classifier, convert, vit, weights
 
@@ -24,13 +24,9 @@ def check_protocol(config) -> 'Protocol':
   if protocol is None:
     raise UserError(f'protocol={config.protocol!r}; registered: '
                     f'{", ".join(PROTOCOLS)}.')
-  missing = [f'{group}.{name}' for group, name in protocol.fields
-             if name not in config[group]]
-  if missing:
-    raise UserError(
-        f'protocol={config.protocol!r} needs {", ".join(missing)}, which this '
-        'config lacks (it was made for another protocol); start from '
-        f'{protocol.config_file} instead.')
+  settings.require_fields(config, protocol.fields,
+                          chosen=f'protocol={config.protocol!r}',
+                          what='protocol', config_file=protocol.config_file)
   return protocol
 
 

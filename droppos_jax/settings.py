@@ -11,6 +11,18 @@ from droppos_jax import optim
 from droppos_jax.errors import UserError
 
 
+def require_fields(config: Any, fields: Sequence[tuple[str, str]], *,
+                   chosen: str, what: str, config_file: str) -> None:
+  """Refuses a config switched to another component (`chosen`, e.g.
+  "protocol='finetune'") that lacks the (block, field)s it reads."""
+  missing = [f'{block}.{name}' for block, name in fields
+             if name not in config[block]]
+  if missing:
+    raise UserError(
+        f'{chosen} needs {", ".join(missing)}, which this config lacks (it '
+        f'was made for another {what}); start from {config_file} instead.')
+
+
 def image_hw(size: int | Sequence[int]) -> tuple[int, int]:
   """`image_size` (an int, or (height, width) for non-square) as (h, w)."""
   hw = (size, size) if isinstance(size, int) else tuple(size)

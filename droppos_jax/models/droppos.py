@@ -41,16 +41,9 @@ class Projector(nn.Module):
   def __call__(self, x, num_positions: int):
     x = nn.Dense(self.width, dtype=self.dtype, kernel_init=vit.dense_init,
                  name='embed')(x)
-    for i in range(self.depth):
-      last = i == self.depth - 1
-      x = vit.Block(self.num_heads, 4 * self.width, dtype=self.dtype,
-                    attention=self.attention, name=f'blocks_{i}')(
-                        x, rows=slice(1, None) if last else None)
-    if not self.depth:
-      x = x[:, 1:]
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
-    return nn.Dense(num_positions, dtype=self.dtype, kernel_init=vit.dense_init,
-                    name='pred')(x)
+    return vit.decoder_tail(x, num_positions, depth=self.depth,
+                            num_heads=self.num_heads, dtype=self.dtype,
+                            attention=self.attention)
 
   def flops(self, num_visible: int, width_in: int, num_positions: int) -> int:
     """Matmul FLOPs of the forward pass for one example (the planner's)."""

@@ -41,16 +41,9 @@ class PixelDecoder(nn.Module):
         x[:, 1:], mode='promise_in_bounds')
     pos = jnp.asarray(vit.posemb_sincos_2d(grid[0], grid[1], self.width))
     x = jnp.concatenate([x[:, :1], patches + pos.astype(x.dtype)], axis=1)
-    for i in range(self.depth):
-      last = i == self.depth - 1
-      x = vit.Block(self.num_heads, 4 * self.width, dtype=self.dtype,
-                    attention=self.attention, name=f'blocks_{i}')(
-                        x, rows=slice(1, None) if last else None)
-    if not self.depth:
-      x = x[:, 1:]
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
-    return nn.Dense(pixels, dtype=self.dtype, kernel_init=vit.dense_init,
-                    name='pred')(x)
+    return vit.decoder_tail(x, pixels, depth=self.depth,
+                            num_heads=self.num_heads, dtype=self.dtype,
+                            attention=self.attention)
 
   def flops(self, num_visible: int, num_patches: int, width_in: int,
             pixels: int) -> int:

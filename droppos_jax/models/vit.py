@@ -340,6 +340,25 @@ class Block(nn.Module):
     return x
 
 
+def decoder_tail(x, num_outputs: int, *, depth: int, num_heads: int,
+                 dtype: Any, attention: str):
+  """Pre-LN blocks on [cls] + tokens, LayerNorm, Dense -> num_outputs per
+  token, as MAE's decoder ends and DropPos's projector does. Only the
+  tokens' outputs are read, so the last block keeps their rows alone ([cls]
+  stays a key and value). Call it inside a compact method: the modules are
+  the caller's `blocks_{i}`, `norm` and `pred`."""
+  width = x.shape[-1]
+  for i in range(depth):
+    last = i == depth - 1
+    x = Block(num_heads, 4 * width, dtype=dtype, attention=attention,
+              name=f'blocks_{i}')(x, rows=slice(1, None) if last else None)
+  if not depth:
+    x = x[:, 1:]
+  x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name='norm')(x)
+  return nn.Dense(num_outputs, dtype=dtype, kernel_init=dense_init,
+                  name='pred')(x)
+
+
 class VisionTransformer(nn.Module):
   """ViT encoder: patch embedding, fixed sin-cos PE, [cls], pre-LN blocks
   and (with `final_norm`) a final LayerNorm.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from droppos_jax import metric_logging
+from droppos_jax import metric_logging, settings
 from droppos_jax.errors import UserError
 from droppos_jax.models import droppos as droppos_model
 from droppos_jax.models import mae as mae_model
@@ -71,11 +71,7 @@ def objective(config) -> Objective:
     raise UserError(f'objective.name={name!r}; registered: '
                     f'{", ".join(OBJECTIVES)}.')
   chosen = OBJECTIVES[name]
-  missing = [f'{block}.{field}' for block, field in chosen.fields
-             if field not in config[block]]
-  if missing:
-    raise UserError(
-        f'objective.name={name!r} needs {", ".join(missing)}, which this '
-        'config lacks (it was made for another objective); start from '
-        f'{chosen.config_file} instead.')
+  settings.require_fields(config, chosen.fields,
+                          chosen=f'objective.name={name!r}', what='objective',
+                          config_file=chosen.config_file)
   return chosen

@@ -22,14 +22,12 @@ REFERENCE_GRID_DIVISOR = 14
 
 
 @dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
+class ObjectiveConfig(steps.PatchGrid):
   """Static settings of the objective, validated on construction: masking,
   attentive weights, and the smoothing width sigma with its schedule and
   the reference's quirks. The paper's values are the config's
   (configs/common.py); a constant sigma over one step is the neutral
   schedule for a single batch."""
-  image_hw: tuple[int, int]
-  patch_size: int
   masking: masking.Masking
   attentive: bool
   tau: float
@@ -64,13 +62,6 @@ class ObjectiveConfig:
     """The smoothing width at (traced) `step`."""
     return self._sigma_schedule()(step)
 
-  @property
-  def grid(self) -> tuple[int, int]:
-    return vit.grid_size(self.image_hw, self.patch_size)
-
-  @property
-  def num_patches(self) -> int:
-    return self.grid[0] * self.grid[1]
 
 
 def masked_loss_fn(params, model: droppos_model.DropPos, images, ids_keep,

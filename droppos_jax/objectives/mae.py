@@ -17,10 +17,8 @@ from droppos_jax.objectives import steps
 
 
 @dataclasses.dataclass(frozen=True)
-class MAEConfig:
+class MAEConfig(steps.PatchGrid):
   """Static settings of the objective, validated on construction."""
-  image_hw: tuple[int, int]
-  patch_size: int
   masking: masking.Masking
   norm_pix_loss: bool
 
@@ -30,14 +28,6 @@ class MAEConfig:
       raise UserError(
           f'masking.pos_drop_ratio={self.masking.pos_drop_ratio}: MAE keeps '
           'the PE of every visible patch; set it to 0.')
-
-  @property
-  def grid(self) -> tuple[int, int]:
-    return vit.grid_size(self.image_hw, self.patch_size)
-
-  @property
-  def num_patches(self) -> int:
-    return self.grid[0] * self.grid[1]
 
   @property
   def num_visible(self) -> int:

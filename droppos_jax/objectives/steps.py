@@ -3,9 +3,28 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from droppos_jax.models import vit
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchGrid:
+  """The image size and patch size an objective's settings start with."""
+  image_hw: tuple[int, int]
+  patch_size: int
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return vit.grid_size(self.image_hw, self.patch_size)
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid[0] * self.grid[1]
 
 
 def microbatches(arrays: Sequence[jax.Array], accum_steps: int):
