@@ -145,3 +145,62 @@ def test_mae_settings_are_refused_in_one_line():
   with pytest.raises(UserError, match=r'^model.decoder_width=512, '
                      r'decoder_heads=5, decoder_depth=8: the width must be'):
     mae_model.architecture_from_config(m)
+
+
+def _tiny_mae_run_config():
+  from droppos_jax.configs import mae_demo  # pylint: disable=g-import-not-at-top
+  c = mae_demo.get_config()
+  c.model.update(variant='mu/8', decoder_width=16, decoder_depth=2,
+                 decoder_heads=2)
+  c.batch_size, c.num_train_steps, c.warmup_epochs = 16, 6, 0
+  c.data.num_images, c.log_every, c.ckpt_every = 256, 1, 3
+  c.eval.enabled = False
+  return c
+
+
+@pytest.mark.slow
+def test_an_mae_run_resumes_bit_exactly_and_exports_mae_naming(
+    tmp_path, monkeypatch):
+  """Preempted after step 3 and resumed: the losses of steps 4-6 equal an
+  uninterrupted run's bit for bit. Its export loads into MAE's model (every
+  key) and computes the same loss; a timm-layout ViT takes the encoder with
+  no missing key."""
+  torch = pytest.importorskip('torch')
+  import test_train  # pylint: disable=import-outside-toplevel
+  import torch_reference  # pylint: disable=import-outside-toplevel
+  from droppos_jax import export, train  # pylint: disable=g-import-not-at-top
+  from droppos_jax.models import weights  # pylint: disable=g-import-not-at-top
+  full = train.train(_tiny_mae_run_config(), str(tmp_path / 'full'))['losses']
+  with monkeypatch.context() as m:
+    test_train.sigterm_after(m, 2)
+    first = train.train(_tiny_mae_run_config(), str(tmp_path / 'cut'))
+  assert first['stopped'] == 'preempted' and first['last_step'] == 3
+  resumed = train.train(_tiny_mae_run_config(), str(tmp_path / 'cut'))['losses']
+  np.testing.assert_array_equal([resumed[s] for s in (4, 5, 6)],
+                                [full[s] for s in (4, 5, 6)])
+
+  out = tmp_path / 'mae.pth'
+  export.export(str(tmp_path / 'full'), str(out))
+  state = torch.load(out, weights_only=True)['model']
+  tm = torch_reference.MAE((32, 32), 8, 32, 2, 2, decoder_dim=16,
+                           decoder_depth=2, decoder_heads=2)
+  tm.load_state_dict(state, strict=True)   # every key, every shape
+  w = weights.read(str(out))
+  assert w.kind == 'mae' and w.arch == weights.read(str(tmp_path / 'full')).arch
+  cfg = mae_objective.MAEConfig(image_hw=(32, 32), patch_size=8,
+                                masking=masking.Masking('random', 0.75, 0.),
+                                norm_pix_loss=True)
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(
+      np.float32)
+  ids = cfg.masking.visible(jax.random.key(0), 2, cfg.grid)
+  model = mae_model.build(w.arch)
+  ours, _ = mae_objective.masked_loss_fn(w.params, model, images, ids, cfg)
+  with torch.no_grad():
+    theirs, _, _ = tm(torch.from_numpy(images).permute(0, 3, 1, 2),
+                      torch.from_numpy(np.asarray(ids, np.int64)))
+  np.testing.assert_allclose(ours, theirs.item(), rtol=1e-5)
+  vit_t = torch_reference.VisionTransformer((32, 32), 8, 32, 2, 2)
+  missing, unexpected = vit_t.load_state_dict(state, strict=False)
+  assert not missing
+  assert sorted(unexpected) == sorted(
+      k for k in state if k.startswith('decoder_') or k == 'mask_token')

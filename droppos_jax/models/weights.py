@@ -324,8 +324,9 @@ def _read_file(path: epath.Path, what: str, num_heads) -> Weights:
           else vit.grid_size(image_hw, patch))
   params, report = convert.torch_to_flax(
       state, kind=kind, num_heads=num_heads or arch_meta.get('num_heads'),
-      grid_hw=grid, projector_num_heads=(arch_meta.get('projector') or {}).get(
-          'num_heads'))
+      grid_hw=grid, projector_num_heads=(
+          arch_meta.get('projector') or arch_meta.get('decoder') or {}).get(
+              'num_heads'))
   cfg = report.config
   if cfg['grid'] is not None and image_hw is None:
     image_hw = tuple(g * cfg['patch_size'] for g in cfg['grid'])
