@@ -69,7 +69,8 @@ from droppos_jax.output_path import check_output_path
 OPERATIONAL_FIELDS = (
     'log_every', 'ckpt_every', 'keep_ckpts', 'eval', 'profile_steps',
     'num_devices', 'mesh', 'grad_accum_steps', 'model.remat',
-    'eval_batch_size', 'eval_every_epochs', 'device_resize_window')
+    'eval_batch_size', 'eval_every_epochs', 'device_resize_window',
+    'data.reads_in_flight', 'val_data.reads_in_flight')
 # errno of writes refused by the storage, not by a mistake in the code.
 FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 CHECKPOINTS = 'checkpoints'  # the workdir's Orbax folder

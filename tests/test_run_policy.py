@@ -209,7 +209,18 @@ def test_a_workdir_without_a_checkpoint_takes_a_corrected_config(tmp_path,
 OPERATIONAL = {'log_every': 5, 'ckpt_every': 1, 'keep_ckpts': 1,
                'eval.every_steps': 10, 'profile_steps': (2, 3),
                'num_devices': 8, 'mesh.fsdp': 2, 'grad_accum_steps': 2,
-               'model.remat': True, 'device_resize_window': 512}
+               'model.remat': True, 'device_resize_window': 512,
+               'data.reads_in_flight': 64}
+
+
+def test_a_run_saved_before_an_operational_field_existed_resumes(tmp_path):
+  with open_run(tmp_path):
+    pass
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  del saved['data']['reads_in_flight']    # as runs before that field wrote it
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  with open_run(tmp_path):
+    pass
 
 
 def test_operational_fields_may_change(tmp_path):
