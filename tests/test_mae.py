@@ -118,6 +118,7 @@ def test_a_perturbed_decoder_weight_fails_the_same_checks():
                    _torch_model(torch_reference, perturb=True), params)
 
 
+@pytest.mark.slow
 def test_analytic_flops_match_the_traced_matmuls():
   """flops_per_example against XLA's count of the step's dot FLOPs."""
   params = mae_objective.init_params(MODEL, jax.random.key(0), HW)
