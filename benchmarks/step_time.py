@@ -1,10 +1,14 @@
-r"""Our jitted DropPos pre-training step against the authors' step in PyTorch.
+r"""Our jitted pre-training step against the authors' step in PyTorch: DropPos,
+or MAE with --objective mae.
 
   python benchmarks/step_time.py       # Ti/16 batch 32 and B/16 batch 16, 224 px
   python benchmarks/step_time.py --variants mu/16 --image_size 64 --steps 3 \
       --alternations 1                  # a quick check, well under a minute
+  python benchmarks/step_time.py --objective mae --variants B/16 --steps 5 \
+      --alternations 1                  # MAE's step, B/16 batch 16, 224 px
 
-Both sides do one float32 training step on the CPU with the same math: masks,
+By default both sides do one float32 DropPos training step on the CPU with
+the same math: masks,
 the attentive pass, the soft-target loss, per-tensor gradient clipping to 5.0
 and AdamW (b1 .9, b2 .95, weight decay .05 on tensors with ndim > 1, warm-up +
 cosine lr), the paper's projector (width 512, depth 2, 16 heads). The authors'
@@ -13,6 +17,23 @@ it: a second full forward pass for the attentive weights, AdamW over the two
 weight-decay groups. Ours is droppos_jax.objectives.droppos.make_train_step,
 which embeds the patches once for both passes, stops the attentive pass's last
 block after the visible tokens and drops the projector's [cls] row.
+
+With --objective mae both sides do MAE's step instead (configs/mae_pretrain.py):
+75 % random masking, the encoder on the visible patches, MAE's decoder (width
+512, depth 8, 16 heads, fixed sin-cos PE), the norm_pix_loss squared error on
+the masked patches and the same AdamW and lr schedule, with no gradient
+clipping. The authors' side is tests/torch_reference.py's MAE (a restatement
+of facebookresearch/mae's MaskedAutoencoderViT), its masks drawn as MAE's
+random_masking draws them (argsort of uniform noise, the first 25 % kept), its
+AdamW over the same two groups. Ours is droppos_jax.objectives.mae's
+make_train_step on droppos_jax.models.mae. Both run the encoder on the K
+visible tokens and the decoder's blocks on all N+1 tokens; ours differs in
+two places only, both of them rows whose output MAE throws away: it embeds
+the K visible patches alone (MAE's conv embeds all N and takes its kernel
+gradient over all N), and the decoder's last block and pixel head skip the
+[cls] row (MAE's compute it and slice it off), as the DropPos projector does.
+The FLOPs counted for ours are droppos_jax.objectives.mae.flops_per_example;
+the authors' are the same count with those rows put back.
 
 Each side runs in its own process (this script again, with --side), the two
 alternating --alternations times so that load from elsewhere falls on both.
@@ -44,6 +65,11 @@ from droppos_jax.models import droppos, vit
 
 BATCH = {'Ti/16': 32, 'B/16': 16}  # default batch per variant, else 32
 PROJECTOR = 'default'  # the paper's: width 512, depth 2, 16 heads
+DECODER = (512, 8, 16)  # MAE's decoder: width, depth, heads
+# What the header names as each objective's head, and its sizes.
+HEADS = {'droppos': ('projector', droppos.PROJECTORS[PROJECTOR]),
+         'mae': ('MAE decoder', DECODER)}
+CLIP = {'droppos': 'per_tensor', 'mae': 'none'}  # MAE clips no gradient
 MATMUL_SIZE = 2048
 WARMUP_STEPS = 2
 # Objective and optimizer settings; any values do for timing.
@@ -60,6 +86,7 @@ class Shapes:
   variant: str
   image_size: int
   batch: int
+  objective: str = 'droppos'
 
   @property
   def size(self) -> vit.ViTSize:
@@ -78,6 +105,11 @@ class Shapes:
     """(K visible patches, of which keep their PE) at the paper's ratios."""
     return masking.mask_counts(self.num_patches, 0.75, 0.75)
 
+  @property
+  def num_visible(self) -> int:
+    """K visible patches of MAE's 75 % random masking."""
+    return masking.visible_count(self.num_patches, 0.75)
+
 
 # ------------------------------------------------------------ FLOP counts ---
 
@@ -88,9 +120,8 @@ def block_flops(tokens: int, queries: int, width: int, mlp_dim: int) -> int:
                       2 * queries * tokens + 2 * queries * mlp_dim)
 
 
-def step_flops(shapes: Shapes, ours: bool) -> int:
-  """Matmul FLOPs of one training step as each side computes it (backward =
-  2 x forward; elementwise work, softmaxes and the optimizer left out)."""
+def droppos_step_flops(shapes: Shapes, ours: bool) -> int:
+  """DropPos's matmul FLOPs per step (see step_flops)."""
   size, n = shapes.size, shapes.num_patches
   k = shapes.mask_counts[0]
   width, depth, _ = droppos.PROJECTORS[PROJECTOR]
@@ -109,6 +140,48 @@ def step_flops(shapes: Shapes, ours: bool) -> int:
   # gradient over all N; ours embeds once and takes it over the K visible.
   stem = embed(n) + embed(k) if ours else 3 * embed(n)
   return shapes.batch * (3 * masked + attentive + stem)
+
+
+def mae_parts(shapes: Shapes):
+  """(our MAE model, its objective config) for `shapes`: MAE's recipe."""
+  from droppos_jax.models import architecture
+  from droppos_jax.models import mae as mae_model
+  from droppos_jax.objectives import mae as mae_objective
+
+  size = shapes.size
+  model = mae_model.build(architecture.Architecture(
+      size.width, size.depth, size.mlp_dim, size.num_heads, size.patch_size,
+      decoder=architecture.DecoderSize(*DECODER)))
+  cfg = mae_objective.MAEConfig(
+      image_hw=(shapes.image_size,) * 2, patch_size=size.patch_size,
+      masking=masking.Masking('random', 0.75, 0.), norm_pix_loss=True)
+  return model, cfg
+
+
+def mae_step_flops(shapes: Shapes, ours: bool) -> int:
+  """MAE's matmul FLOPs per step (see step_flops): ours is the analytic
+  mae.flops_per_example; the authors' adds the rows MAE computes and then
+  discards: the decoder's last block and decoder_pred on the [cls] row, and
+  the conv (forward and kernel gradient) on the N - K masked patches."""
+  from droppos_jax.objectives import mae as mae_objective
+
+  model, cfg = mae_parts(shapes)
+  n, k, w = shapes.num_patches, shapes.num_visible, DECODER[0]
+  pixels, d = 3 * shapes.size.patch_size**2, shapes.size.width
+  cls_row = (block_flops(n + 1, n + 1, w, 4 * w) -
+             block_flops(n + 1, n, w, 4 * w) + 2 * w * pixels)
+  authors_extra = 3 * cls_row + 4 * (n - k) * pixels * d
+  return shapes.batch * (mae_objective.flops_per_example(model, cfg) +
+                         (0 if ours else authors_extra))
+
+
+STEP_FLOPS = {'droppos': droppos_step_flops, 'mae': mae_step_flops}
+
+
+def step_flops(shapes: Shapes, ours: bool) -> int:
+  """Matmul FLOPs of one training step as each side computes it (backward =
+  2 x forward; elementwise work, softmaxes and the optimizer left out)."""
+  return STEP_FLOPS[shapes.objective](shapes, ours)
 
 
 _INSTRUCTION = re.compile(r'%(\S+) = \w+\[([\d,]*)\]')
@@ -146,6 +219,37 @@ def matmul_times(matmul) -> list[float]:
   return timed(lambda _: matmul(), None, 5, warmup=1)
 
 
+def jax_droppos(shapes: Shapes, images, tx, lr):
+  """(init(key) -> params, train_step) of our DropPos objective."""
+  import jax.numpy as jnp
+
+  from droppos_jax.objectives import droppos as droppos_objective
+
+  model = droppos.droppos_from_config(shapes.variant, PROJECTOR,
+                                      dtype=jnp.float32)
+  cfg = droppos_objective.ObjectiveConfig(
+      image_hw=(shapes.image_size,) * 2, patch_size=shapes.size.patch_size,
+      masking=masking.Masking('random', 0.75, 0.75), attentive=True, tau=TAU,
+      sigma=SIGMA)
+  init = lambda key: model.init(key, images[:1], jnp.zeros((1, 1), jnp.int32),
+                                jnp.ones((1, 1), bool))['params']
+  return init, droppos_objective.make_train_step(model, tx, cfg, lr_fn=lr,
+                                                 seed=0)
+
+
+def jax_mae(shapes: Shapes, images, tx, lr):
+  """(init(key) -> params, train_step) of our MAE objective."""
+  from droppos_jax.objectives import mae as mae_objective
+
+  del images  # the parameters' shapes follow from the config alone
+  model, cfg = mae_parts(shapes)
+  init = lambda key: mae_objective.init_params(model, key, cfg.image_hw)
+  return init, mae_objective.make_train_step(model, tx, cfg, lr_fn=lr, seed=0)
+
+
+JAX_STEPS = {'droppos': jax_droppos, 'mae': jax_mae}
+
+
 def build_jax_step(shapes: Shapes):
   """(our compiled train step, its state, images) for `shapes`."""
   import jax
@@ -153,26 +257,17 @@ def build_jax_step(shapes: Shapes):
   import ml_collections
 
   from droppos_jax import optim
-  from droppos_jax.objectives import droppos as droppos_objective
 
-  model = droppos.droppos_from_config(shapes.variant, PROJECTOR,
-                                      dtype=jnp.float32)
   hw = (shapes.image_size,) * 2
-  cfg = droppos_objective.ObjectiveConfig(
-      image_hw=hw, patch_size=shapes.size.patch_size,
-      masking=masking.Masking('random', 0.75, 0.75), attentive=True, tau=TAU,
-      sigma=SIGMA)
   lr = optim.lr_schedule(PEAK_LR, total_steps=LR_TOTAL, warmup_steps=LR_WARMUP)
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
-      b1=0.9, b2=0.95, weight_decay=WEIGHT_DECAY, clip='per_tensor',
-      clip_norm=CLIP_NORM)), lr)
+      b1=0.9, b2=0.95, weight_decay=WEIGHT_DECAY,
+      clip=CLIP[shapes.objective], clip_norm=CLIP_NORM)), lr)
   images = jax.random.normal(jax.random.key(1), (shapes.batch, *hw, 3))
-  init = lambda key: model.init(key, images[:1], jnp.zeros((1, 1), jnp.int32),
-                                jnp.ones((1, 1), bool))['params']
+  init, train_step = JAX_STEPS[shapes.objective](shapes, images, tx, lr)
   params = jax.jit(init)(jax.random.key(2))  # one compile, not one per op
   state = {'step': jnp.int32(0), 'params': params,
            'opt_state': jax.jit(tx.init)(params)}
-  train_step = droppos_objective.make_train_step(model, tx, cfg, lr_fn=lr, seed=0)
   compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, images).compile()
   return compiled, state, images
 
@@ -215,29 +310,60 @@ def authors_lr(step: int) -> float:
                                         (LR_TOTAL - LR_WARMUP)))
 
 
+def torch_droppos(ref, shapes: Shapes, gen):
+  """(the authors' DropPos model, loss(images) of one step, masks from gen)."""
+  size = shapes.size
+  model = ref.DropPos((shapes.image_size,) * 2, size.patch_size, size.width,
+                      size.depth, size.num_heads, *droppos.PROJECTORS[PROJECTOR])
+
+  def loss(images):
+    ids_keep, drop_mask = ref.sample_masks(shapes.batch, shapes.num_patches,
+                                           *shapes.mask_counts, gen)
+    targets = ref.smoothing_targets(shapes.grid, SIGMA)
+    return ref.droppos_loss(model, images, ids_keep, drop_mask, targets, TAU)[0]
+
+  return model, loss
+
+
+def torch_mae(ref, shapes: Shapes, gen):
+  """(MAE's model, loss(images) of one step, masks from gen)."""
+  import torch
+
+  size = shapes.size
+  model = ref.MAE((shapes.image_size,) * 2, size.patch_size, size.width,
+                  size.depth, size.num_heads, *DECODER, norm_pix_loss=True)
+
+  def loss(images):
+    # MAE's random_masking: argsort of uniform noise, the first K kept.
+    noise = torch.rand(shapes.batch, shapes.num_patches, generator=gen)
+    return model(images, noise.argsort(dim=1)[:, :shapes.num_visible])[0]
+
+  return model, loss
+
+
+TORCH_STEPS = {'droppos': torch_droppos, 'mae': torch_mae}
+
+
 def build_torch_step(shapes: Shapes):
   """The authors' train step for `shapes`: step(i) -> i + 1."""
   import torch
 
   ref = torch_reference()
-  size = shapes.size
-  model = ref.DropPos((shapes.image_size,) * 2, size.patch_size, size.width,
-                      size.depth, size.num_heads, *droppos.PROJECTORS[PROJECTOR])
+  gen = torch.Generator().manual_seed(0)
+  model, loss_fn = TORCH_STEPS[shapes.objective](ref, shapes, gen)
   opt = torch.optim.AdamW(ref.decay_groups(model, WEIGHT_DECAY), lr=PEAK_LR,
                           betas=(0.9, 0.95))
   params = [p for p in model.parameters() if p.requires_grad]
-  gen = torch.Generator().manual_seed(0)
   images = torch.randn(shapes.batch, 3, shapes.image_size, shapes.image_size,
                        generator=gen)
+  clip = CLIP[shapes.objective] == 'per_tensor'
 
   def step(i):
-    ids_keep, drop_mask = ref.sample_masks(shapes.batch, shapes.num_patches,
-                                           *shapes.mask_counts, gen)
-    targets = ref.smoothing_targets(shapes.grid, SIGMA)
-    loss, _ = ref.droppos_loss(model, images, ids_keep, drop_mask, targets, TAU)
+    loss = loss_fn(images)
     opt.zero_grad()
     loss.backward()
-    ref.clip_per_tensor_([p.grad for p in params], CLIP_NORM)
+    if clip:
+      ref.clip_per_tensor_([p.grad for p in params], CLIP_NORM)
     for group in opt.param_groups:
       group['lr'] = authors_lr(i)
     opt.step()
@@ -274,7 +400,8 @@ def child_env(cache_dir: str) -> dict:
 
 def run_side(side: str, shapes: Shapes, steps: int, cache_dir: str) -> dict:
   """Times one side in a fresh process (this script with --side)."""
-  cmd = [sys.executable, __file__, '--side', side, '--variants', shapes.variant,
+  cmd = [sys.executable, __file__, '--side', side, '--objective',
+         shapes.objective, '--variants', shapes.variant,
          '--image_size', str(shapes.image_size), '--batch', str(shapes.batch),
          '--steps', str(steps)]
   proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -288,9 +415,10 @@ def run_side(side: str, shapes: Shapes, steps: int, cache_dir: str) -> dict:
 
 def report(shapes: Shapes, runs: dict) -> None:
   """Prints one model's table from {side: [result per alternation]}."""
-  proj = '/'.join(map(str, droppos.PROJECTORS[PROJECTOR]))
+  head, sizes = HEADS[shapes.objective]
   print(f'\n{shapes.variant}, {shapes.image_size} px, batch {shapes.batch}, '
-        f'float32, projector {proj}, {len(os.sched_getaffinity(0))} cores, '
+        f'float32, {head} {"/".join(map(str, sizes))}, '
+        f'{len(os.sched_getaffinity(0))} cores, '
         f'{len(runs["jax"])} alternations x {len(runs["jax"][0]["times"])} steps')
   print(f'{"":17s} {"s/step":>7s} {"img/s":>7s} {"GFLOP/step":>10s} '
         f'{"GFLOP/s":>8s} {"matmul GFLOP/s":>14s} {"of matmul":>9s}')
@@ -317,6 +445,8 @@ def report(shapes: Shapes, runs: dict) -> None:
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--objective', choices=sorted(HEADS), default='droppos',
+                 help="droppos (default) or mae: MAE's step on both sides")
   p.add_argument('--variants', nargs='+', default=list(BATCH),
                  help='ViT variants, e.g. Ti/16 B/16')
   p.add_argument('--image_size', type=int, default=224)
@@ -339,7 +469,8 @@ def main(argv=None):
   args = parse_args(argv)
   settings = []
   for variant in args.variants:
-    shapes = Shapes(variant, args.image_size, args.batch or BATCH.get(variant, 32))
+    shapes = Shapes(variant, args.image_size,
+                    args.batch or BATCH.get(variant, 32), args.objective)
     shapes.grid  # validates the variant and the image size
     settings.append(shapes)
   if args.side:
