@@ -263,9 +263,7 @@ class Recipe:
       if 'RESOURCE_EXHAUSTED' not in str(e):
         raise
       return math.inf
-    m = step.memory_analysis()
-    return (m.argument_size_in_bytes + m.temp_size_in_bytes +
-            m.output_size_in_bytes - m.alias_size_in_bytes)
+    return compiled_lib.memory_bytes(step.memory_analysis())
 
 
 def random_images(s: train.Setup) -> jax.Array:

@@ -382,8 +382,7 @@ def _compile(s, arguments: int) -> tuple[Optional[float], dict, str, int]:
             'outputs': m.output_size_in_bytes,
             'aliased': m.alias_size_in_bytes,
             'code': m.generated_code_size_in_bytes}
-  return flops, memory, '', (memory['arguments'] + memory['temporaries'] +
-                             memory['outputs'] - memory['aliased'])
+  return flops, memory, '', compiled_lib.memory_bytes(m)
 
 
 def make_plan(config: ml_collections.ConfigDict, target: Target,

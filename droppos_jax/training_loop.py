@@ -133,7 +133,8 @@ def run(config, workdir: str, run_: run_policy.Run, s: Setup,
     stream = batches(start)
     t0 = time.perf_counter()
     train_step = s.compile()
-    flops, described = compiled_lib.describe(train_step)
+    flops, described = compiled_lib.describe(
+        train_step, loop_count=config.get('grad_accum_steps', 1))
     logging.info('Compiled the train step in %.0f s: %s.',
                  time.perf_counter() - t0, described)
     logger, eval_logger = _loggers(config, workdir, run_, s, hooks, flops)
