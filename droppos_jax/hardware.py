@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from droppos_jax.models import vit
-
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -59,8 +57,3 @@ def chip(device_kind: str) -> Optional[Chip]:
   gpus = [kind for kind in CHIPS
           if kind.startswith('NVIDIA') and device_kind.startswith(kind)]
   return CHIPS[max(gpus, key=len)] if gpus else None
-
-
-def is_accelerator(platform: str) -> bool:
-  """Whether jax `platform` is a TPU or a GPU."""
-  return platform == 'tpu' or platform in vit.GPU_PLATFORMS

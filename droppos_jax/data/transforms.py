@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
-from droppos_jax import hardware
+from droppos_jax.models import vit
 from droppos_jax.data import randaugment
 from droppos_jax.errors import UserError
 
@@ -291,7 +291,7 @@ def pretrain_augment(window: int, hw: Sequence[int],
                     f'pixels, e.g. {PLATFORM_WINDOW}.')
   if window == BY_PLATFORM:
     square = hw[0] == hw[1] <= PLATFORM_WINDOW
-    window = (PLATFORM_WINDOW if square and hardware.is_accelerator(platform)
+    window = (PLATFORM_WINDOW if square and vit.is_accelerator(platform)
               else 0)
   augment = TrainAugment(device_resize_window=window)
   augment.check_size(hw)

@@ -187,8 +187,7 @@ def attentive_dtype(name: str, model_dtype: Any,
                     f'{ATTENTIVE_DTYPES}.')
   if name == 'auto':
     platform = platform or jax.default_backend()
-    accelerator = platform == 'tpu' or platform in vit.GPU_PLATFORMS
-    return jnp.bfloat16 if accelerator else model_dtype
+    return jnp.bfloat16 if vit.is_accelerator(platform) else model_dtype
   return vit.compute_dtype(name)
 
 

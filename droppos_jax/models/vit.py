@@ -110,6 +110,11 @@ ATTENTION = ('auto', 'xla', 'cudnn')
 GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
 
 
+def is_accelerator(platform: str) -> bool:
+  """Whether jax `platform` is a TPU or a GPU."""
+  return platform == 'tpu' or platform in GPU_PLATFORMS
+
+
 def attention_implementation(name: str, dtype: Any,
                              platform: Optional[str] = None) -> str:
   """`jax.nn.dot_product_attention`'s implementation for the setting `name`.
