@@ -126,7 +126,8 @@ def analyse(config, workdir: str) -> dict[str, Any]:
     seconds[f'finetune {e.name}'] = time.perf_counter() - start
     for stage, path in zip(STAGES, (pretrained, finetuned)):
       start = time.perf_counter()
-      row = {'encoder': e.title, 'stage': stage, 'path': path or 'random init'}
+      row = {'encoder': e.title, 'path': path or 'random init',
+             'stage': stage if path else 'as initialised'}
       for split, region in regions.items():
         row[region] = _probe(path, region, split, config, root / 'probes' /
                              f'{e.name}_{stage}_{split}')
@@ -175,7 +176,7 @@ def draw(results) -> Figure:
     ax.bar_label(bars, fmt='%.1f', fontsize=7)
   chance = 100 * rows[0][regions[0]]['chance']
   ax.axhline(chance, color='k', linestyle='--', linewidth=1,
-             label=f'chance ({chance:.1f} %)')
+             label=f'chance ({chance:.2f} %)')
   ax.set_xticks(range(len(rows)), [f'{r["encoder"]}\n{r["stage"]}'
                                    for r in rows], fontsize=8)
   ax.set_ylabel('position top-1 of PE-dropped patches (%)')

@@ -115,7 +115,8 @@ def test_the_analysis_runs_end_to_end_and_given_runs_skip_their_stages(
   c.regions = {'val': 'held-out band'}
   results = position_awareness.analyse(c, str(tmp_path / 'a'))
   rows = [(r['encoder'], r['stage']) for r in results['rows']]
-  assert rows == [('random init', 'pre-trained'), ('random init', 'fine-tuned'),
+  assert rows == [('random init', 'as initialised'),
+                  ('random init', 'fine-tuned'),
                   ('MAE', 'pre-trained'), ('MAE', 'fine-tuned')]
   assert weights.read(results['rows'][2]['path']).kind == 'mae'
   assert weights.read(results['rows'][3]['path']).kind == 'classifier'
