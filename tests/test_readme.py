@@ -47,6 +47,9 @@ SHORTER = {
                                               '1', '--warmup', '1',
                                               '--sources',
                                               'folder,folder_device_resize'],
+    'python benchmarks/input_latency.py': ['--num_files', '64', '--batch', '8',
+                                           '--seconds', '0.3', '--warmup', '1',
+                                           '--latency_ms', '30'],
     'python benchmarks/step_time.py': ['--variants', 'mu/16', '--image_size',
                                        '64', '--steps', '2', '--alternations',
                                        '1', '--skip_torch'],
@@ -64,6 +67,8 @@ PRINTS = {
     'input_throughput.py': re.compile(r'\| ours, folder \| \d+[\s\S]*'
                                       r'\(host part\) \| \d+[\s\S]*'
                                       r'GFLOP per image'),
+    'input_latency.py': re.compile(r'\| array_record \| \d+ in flight \| 30 \| '
+                                   r'[\d,]+ \|[\s\S]*\| tfrecord \|'),
     'step_time.py': re.compile(r'img/s'),
 }
 
@@ -100,6 +105,7 @@ def test_readme_shows_the_two_commands():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)   # every command in turn: longer than one test
 def test_every_readme_command_runs_as_documented(tmp_path):
   for script in SCRIPTS:
     shutil.copy(ROOT / script, tmp_path / script)
