@@ -2,6 +2,7 @@
 table, figure and JSON end to end at tiny sizes, given runs skipping their
 stages, and bad encoder lists refused in one line before anything is
 written."""
+import copy
 import json
 import os
 
@@ -130,10 +131,10 @@ def test_the_analysis_runs_end_to_end_and_given_runs_skip_their_stages(
   assert (tmp_path / 'a' / 'position_awareness.png').stat().st_size > 10_000
 
   # The same encoders given as runs: no stage runs again, same probes.
-  given = _config(mae=dict(pretrained=results['rows'][2]['path'],
-                           finetuned=results['rows'][3]['path']),
-                  random=dict(finetuned=results['rows'][1]['path']))
-  given.update({k: c[k] for k in ('order', 'probe', 'regions')})
+  given = copy.deepcopy(c)
+  given.encoders.mae.update(pretrained=results['rows'][2]['path'],
+                            finetuned=results['rows'][3]['path'])
+  given.encoders.random.finetuned = results['rows'][1]['path']
   again = position_awareness.analyse(given, str(tmp_path / 'b'))
   assert sorted(os.listdir(tmp_path / 'b')) == [
       'position_awareness.json', 'position_awareness.png', 'probes']
