@@ -18,3 +18,17 @@ os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
 
 def pytest_sessionfinish():
   shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# Files that take minutes each: run first, so that with `--dist loadfile`
+# no worker starts one of them while the other worker is running out of
+# files (the longest, the README's commands, would otherwise start last).
+LONGEST_FIRST = ('test_readme.py', 'test_multihost.py',
+                 'test_accelerator_check.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: next(
+      (i for i, name in enumerate(LONGEST_FIRST) if item.path.name == name),
+      len(LONGEST_FIRST))
+  items.sort(key=rank)   # stable: each file's tests keep their order

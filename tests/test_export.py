@@ -80,7 +80,7 @@ def test_safetensors_header_names_kind_architecture_and_image_size(runs,
       width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=8, in_chans=3,
       projector=dict(width=64, depth=1, num_heads=4, num_positions=16,
                      head='transformer'),
-      num_classes=None)
+      num_classes=None, decoder=None)
   assert meta['source'].endswith('droppos step 4') and meta['step'] == '4'
 
 

@@ -19,21 +19,14 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = ('train.py', 'finetune.py', 'probe_position.py',
-           'position_awareness.py', 'visualize.py', 'export.py')
+SCRIPTS = ('train.py', 'finetune.py', 'probe_position.py', 'visualize.py',
+           'export.py')
 # Appended to a command that starts with the key: same command, less work.
 SHORTER = {
     'python train.py --config configs/demo.py': [
         '--config.num_train_steps=30', '--config.warmup_epochs=0',
         '--config.eval.every_steps=15',
         '--config.log_every=10'],
-    'python train.py --config configs/mae_demo.py': [
-        '--config.num_train_steps=30', '--config.warmup_epochs=0',
-        '--config.eval.every_steps=15', '--config.log_every=10'],
-    'python position_awareness.py': ['--config.probe.head.steps=20',
-                                     '--config.probe.mask_draws=1',
-                                     '--config.probe.train_data.num_images=128',
-                                     '--config.probe.eval_data.num_images=64'],
     'python finetune.py': ['--config.num_train_steps=6',
                            '--config.warmup_epochs=0',
                            '--config.eval_every_epochs=1'],
@@ -59,8 +52,6 @@ PRINTS = {
     'train.py': re.compile(r'Run done: \d+/\d+ steps|Already complete'),
     'finetune.py': re.compile(r'Run done: \d+/\d+ steps.*acc1'),
     'probe_position.py': re.compile(r'position top-1 [\d.]+% \(chance'),
-    'position_awareness.py': re.compile(
-        r'\| MAE \| fine-tuned \| [\d.]+ % [\s\S]*Chance: 6\.25 %'),
     'visualize.py': re.compile(r'wrote \S+\.png \(step \d+'),
     'export.py': re.compile(r'wrote \d+ tensors \(droppos\) to'),
     'droppos_jax.plan': re.compile(r'GFLOP'),
