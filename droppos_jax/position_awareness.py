@@ -98,11 +98,11 @@ def _finetune(e: Encoder, pretrained: str, config, workdir: epath.Path) -> str:
   return str(run)
 
 
-def _probe(path: str, region: str, split: str, config, out: epath.Path):
+def _probe(path: str, region: str, split: str, config, mesh,
+           out: epath.Path):
   c = config.probe.copy_and_resolve_references()
   c.init.path = path
   c.eval_data.split = split
-  mesh = sharding.make_mesh(num_devices=c.num_devices)
   r = position_probe.run_probe(c, str(out), mesh)
   logging.info('%s on the %s: position top-1 %.1f%%, grid distance %.2f.',
                r['init'], region, 100 * r['acc'], r['dist_err'])
@@ -116,6 +116,7 @@ def analyse(config, workdir: str) -> dict[str, Any]:
   if not regions:
     raise UserError('regions is empty: name at least one (split: name).')
   root = epath.Path(workdir)
+  mesh = sharding.make_mesh(num_devices=config.probe.num_devices)
   seconds, rows = {}, []
   for e in encoders:
     start = time.perf_counter()
@@ -129,7 +130,8 @@ def analyse(config, workdir: str) -> dict[str, Any]:
       row = {'encoder': e.title, 'path': path or 'random init',
              'stage': stage if path else 'as initialised'}
       for split, region in regions.items():
-        row[region] = _probe(path, region, split, config, root / 'probes' /
+        row[region] = _probe(path, region, split, config, mesh,
+                             root / 'probes' /
                              f'{e.name}_{stage}_{split}')
       rows.append(row)
       seconds[f'probe {e.name} {stage}'] = time.perf_counter() - start

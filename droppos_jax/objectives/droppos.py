@@ -38,7 +38,7 @@ class ObjectiveConfig(steps.PatchGrid):
   official_quirks: bool = False
 
   def __post_init__(self):
-    grid = vit.grid_size(self.image_hw, self.patch_size)
+    grid = self.grid
     self.masking.counts(grid)
     if self.official_quirks:
       losses.check_official_grid(grid, self.official_grid_width)
