@@ -199,6 +199,58 @@ def test_tfrecord_resume_does_not_read_the_records_before(tmp_path,
   assert 10 <= int(counter.numpy()) < 150, int(counter.numpy())
 
 
+def documented_tfrecord_order(source, seed, process, count, n):
+  """The first n records of process `process` of `count`, restated from the
+  order streams.py documents: per epoch a keyed file order, every count-th
+  file this process's; rounds of TFRECORD_CYCLE files read round-robin;
+  windows of TFRECORD_WINDOW records of a round, each in a keyed order."""
+  contents = [list(tf.data.TFRecordDataset(f.path).skip(f.skip).take(f.take)
+                   .as_numpy_iterator()) for f in source.files]
+  base = tf.constant([seed, streams._WINDOW_TAG], tf.int64)  # pylint: disable=protected-access
+  out = []
+  for epoch in range(n):
+    mine = streams.epoch_order(seed, epoch, len(contents))[process::count]
+    for number, start in enumerate(range(0, len(mine),
+                                         sources.TFRECORD_CYCLE)):
+      queues = [list(contents[i]) for i in
+                mine[start:start + sources.TFRECORD_CYCLE]]
+      interleaved = []
+      while any(queues):
+        interleaved += [q.pop(0) for q in queues if q]
+      for index, first in enumerate(range(0, len(interleaved),
+                                          sources.TFRECORD_WINDOW)):
+        window = interleaved[first:first + sources.TFRECORD_WINDOW]
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(window)),
+            seed=transforms.fold(base, epoch, number, index)).numpy()
+        out += [window[i] for i in order]
+      if len(out) >= n:
+        return out[:n]
+
+
+def test_tfrecord_records_come_in_the_documented_order(tmp_path, monkeypatch):
+  """16 files of 25 records, windows of 16: the read stage of 1, 2 and 4
+  processes, and of a resume, gives the documented records at the
+  documented global positions, across windows, rounds and epochs."""
+  monkeypatch.setattr(sources, 'TFRECORD_WINDOW', 16)
+  source = sources.open_source(tfds_cfg(prepare_tfds(
+      tmp_path, 'tfrecord', num_shards=16, num_train=400)))
+  global_batch, steps = 8, 60  # 480 records: more than an epoch per process
+  for count, start_step in ((1, 0), (2, 0), (4, 0), (2, 7)):
+    size = global_batch // count
+    for p in range(count):
+      rows = (p * size, (p + 1) * size)
+      got = list(streams._file_records(  # pylint: disable=protected-access
+          source, 5, start_step, global_batch, rows).take(
+              (steps - start_step) * size).as_numpy_iterator())
+      want = documented_tfrecord_order(source, 5, p, count, steps * size)
+      assert [r for _, r, _ in got] == want[start_step * size:], (count, p)
+      q = np.arange(start_step * size, steps * size)
+      np.testing.assert_array_equal(
+          [position for position, _, _ in got],
+          q // size * global_batch + rows[0] + q % size)
+
+
 @pytest.mark.slow
 def test_stream_is_the_same_in_a_fresh_process(opened, folder):
   # A restart is a new process: no hidden TF state may change the stream.

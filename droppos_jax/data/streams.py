@@ -289,18 +289,20 @@ def _file_records(source, seed, start_step, global_batch_size, rows):
         num_parallel_calls=sources.TFRECORD_CYCLE, deterministic=True)
 
     def shuffle(index, window):
-      order = tf.random.experimental.stateless_shuffle(
+      return tf.gather(window, tf.random.experimental.stateless_shuffle(
           tf.range(tf.shape(window)[0]),
-          seed=transforms.fold(base, epoch, number, index))
-      return tf.data.Dataset.from_tensor_slices(tf.gather(window, order))
-    return records.batch(sources.TFRECORD_WINDOW).enumerate().flat_map(
-        shuffle).skip(skip)
+          seed=transforms.fold(base, epoch, number, index)))
+    return records.batch(sources.TFRECORD_WINDOW).enumerate().map(
+        shuffle).unbatch().skip(skip)
 
+  records = plan.flat_map(round_records)
   # Local position q is row q % size of global batch q // size.
-  positions = tf.data.Dataset.range(start_step * size, _FOREVER).map(
-      lambda q: q // size * global_batch_size + rows[0] + q % size)
-  return tf.data.Dataset.zip(positions, plan.flat_map(round_records)).map(
-      lambda position, record: (position, record, tf.constant(-1, tf.int32)))
+  # One map for the position and the label: a map per record costs more
+  # CPU than the record's read.
+  return tf.data.Dataset.zip(
+      tf.data.Dataset.range(start_step * size, _FOREVER), records).map(
+          lambda q, record: (q // size * global_batch_size + rows[0] + q % size,
+                             record, tf.constant(-1, tf.int32)))
 
 
 def train_stream(source: sources.Source, augment: transforms.TrainAugment, *,
