@@ -21,7 +21,8 @@ datasets in the ArrayRecord and TFRecord formats, then measures in a fresh
 process each, after warm-up:
   - read: records/s of the read stage alone (the stream's records in step
     order, before any decoding: streams._indexed_records for ArrayRecord,
-    streams._file_records for TFRecord), and its CPU time per record;
+    streams._file_records for TFRecord), its CPU time per record and the
+    process's peak resident memory;
   - stream: images/s of the whole pre-training stream (decode the crop
     window, resize to 224 px, flip; uint8 batches on the host; with
     --device_resize_window the host's part only: decode and pad the window),
@@ -35,6 +36,7 @@ import ctypes
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import time
@@ -95,7 +97,8 @@ def measure(a) -> dict:
   seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
   stats = storage_stats()
   out = {'rate': count / seconds, 'cpu_us': cpu / count * 1e6,
-         'reads_in_flight': getattr(source, 'reads_in_flight', None)}
+         'reads_in_flight': getattr(source, 'reads_in_flight', None),
+         'peak_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
   if stats:
     out.update(requests_per_record=stats[0] / count,
                kib_per_request=stats[1] / max(stats[0], 1) / 1024,
@@ -141,7 +144,8 @@ def row(fmt: str, latency: float, read: dict, stream: dict) -> str:
               f'| {read["most_in_flight"]} | {read["kib_per_request"]:.0f} | '
               f'{read["requests_per_record"]:.2f} ')
   return (f'| {fmt} | {path} | {latency:g} | {read["rate"]:,.0f} '
-          f'{requests}| {read["cpu_us"]:.0f} | {stream["rate"]:,.0f} | '
+          f'{requests}| {read["cpu_us"]:.0f} | {read["peak_mib"]:,.0f} | '
+          f'{stream["rate"]:,.0f} | '
           f'{stream["cpu_us"] / 1e3:.2f} |')
 
 
@@ -165,8 +169,10 @@ def main():
   a = p.parse_args()
   a.root = pathlib.Path(a.dir) / str(a.num_files)
   if a.measure:
-    print(json.dumps(measure(a)))
-    return
+    print(json.dumps(measure(a)), flush=True)
+    # No teardown: destroying a tf.data iterator while one of its threads
+    # waits for Python's lock in a generator can hang the measuring process.
+    os._exit(0)
   prepare(a)
   shim = build_shim(a.root)
   latencies = [float(x) for x in a.latency_ms.split(',')]
@@ -177,8 +183,9 @@ def main():
         'stated, unlimited bandwidth')
   print('| format | reads | latency ms | read stage records/s | requests in '
         'flight (most) | KiB per request | requests per record | read CPU '
-        'µs/record | whole stream images/s | stream CPU ms/image |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
+        'µs/record | read peak memory MiB | whole stream images/s | stream '
+        'CPU ms/image |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   for fmt in a.formats.split(','):
     for latency in latencies:
       read, stream = (child(a, fmt, stage, latency, shim)
