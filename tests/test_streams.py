@@ -228,6 +228,7 @@ def documented_tfrecord_order(source, seed, process, count, n):
         return out[:n]
 
 
+@pytest.mark.slow
 def test_tfrecord_records_come_in_the_documented_order(tmp_path, monkeypatch):
   """16 files of 25 records, windows of 16: the read stage of 1, 2 and 4
   processes, and of a resume, gives the documented records at the
