@@ -296,13 +296,15 @@ def _file_records(source, seed, start_step, global_batch_size, rows):
         shuffle).unbatch().skip(skip)
 
   records = plan.flat_map(round_records)
-  # Local position q is row q % size of global batch q // size.
-  # One map for the position and the label: a map per record costs more
-  # CPU than the record's read.
+  # Positions and labels a local batch at a time: a map per record costs
+  # more CPU than the record's read. Local batch s is global batch s, rows
+  # [rows[0], rows[1]).
+  def with_positions(step, batch):
+    return (step * global_batch_size + rows[0] + tf.range(size, dtype=tf.int64),
+            batch, tf.fill([size], tf.constant(-1, tf.int32)))
   return tf.data.Dataset.zip(
-      tf.data.Dataset.range(start_step * size, _FOREVER), records).map(
-          lambda q, record: (q // size * global_batch_size + rows[0] + q % size,
-                             record, tf.constant(-1, tf.int32)))
+      tf.data.Dataset.range(start_step, _FOREVER),
+      records.batch(size, drop_remainder=True)).map(with_positions).unbatch()
 
 
 def train_stream(source: sources.Source, augment: transforms.TrainAugment, *,
