@@ -27,6 +27,11 @@ process each, after warm-up:
     window, resize to 224 px, flip; uint8 batches on the host; with
     --device_resize_window the host's part only: decode and pad the window),
     and its CPU time per image.
+The JPEGs' TFDS files are small (2,000 records of ~32 KiB in 16 files: one
+request each). With --shard_records N it also measures the TFRecord read
+stage on ImageNet-shaped files: 16 files of N records of random bytes, 90-130
+KB each (ImageNet's TFDS shards hold about 1,250 JPEGs of ~110 KB, so a file
+takes several requests).
 Asserts nothing.
 """
 from __future__ import annotations
@@ -42,9 +47,30 @@ import sys
 import time
 
 import input_throughput
+import numpy as np
 
 SHIM = pathlib.Path(__file__).with_name('storage_latency.c')
 FORMATS = ('array_record', 'tfrecord')
+SHARD_FILES = 16
+SHARD_BYTES = (90_000, 130_000)
+
+
+def write_shards(folder: pathlib.Path, records_per_file: int) -> None:
+  """SHARD_FILES TFRecord files of `records_per_file` random records of
+  SHARD_BYTES each, written to a side folder and then moved in place."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  part = folder.with_name(folder.name + '.part')
+  part.mkdir(parents=True, exist_ok=True)
+  for f in range(SHARD_FILES):
+    with tf.io.TFRecordWriter(str(part / f'shard-{f:05d}.tfrecord')) as out:
+      for _ in range(records_per_file):
+        out.write(rng.bytes(int(rng.integers(*SHARD_BYTES))))
+  part.rename(folder)
+
+
+def shards_dir(a) -> pathlib.Path:
+  return a.root / f'shards_{a.shard_records}'
 
 
 def build_shim(out_dir: pathlib.Path) -> pathlib.Path:
@@ -72,11 +98,18 @@ def measure(a) -> dict:
   `a.format`."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from droppos_jax.data import sources, streams, transforms  # pylint: disable=g-import-not-at-top
-  data = dict(source='tfds', name='bench_jpegs', split='train',
-              data_dir=str(a.root / f'tfds_{a.format}'))
-  if a.reads_in_flight:
-    data['reads_in_flight'] = a.reads_in_flight
-  source = sources.open_source(ml_collections.ConfigDict(data))
+  if a.format == 'shards':
+    files = tuple(sources.RecordFile(str(path), 0, a.shard_records)
+                  for path in sorted(shards_dir(a).glob('*.tfrecord')))
+    source = sources.Source(
+        description='shards', size=len(files) * a.shard_records,
+        num_classes=None, payload='record', note='', files=files)
+  else:
+    data = dict(source='tfds', name='bench_jpegs', split='train',
+                data_dir=str(a.root / f'tfds_{a.format}'))
+    if a.reads_in_flight:
+      data['reads_in_flight'] = a.reads_in_flight
+    source = sources.open_source(ml_collections.ConfigDict(data))
   rows = (0, a.batch)
   if a.stage == 'read':
     records = (streams._indexed_records if source.random_access  # pylint: disable=protected-access
@@ -115,7 +148,8 @@ def child(a, fmt: str, stage: str, latency_ms: float, shim) -> dict:
   argv = [sys.executable, __file__, '--measure', '--format', fmt, '--stage',
           stage, '--dir', a.dir, '--num_files', str(a.num_files), '--batch',
           str(a.batch), '--seconds', str(a.seconds), '--warmup',
-          str(a.warmup), '--device_resize_window', str(a.device_resize_window)]
+          str(a.warmup), '--device_resize_window', str(a.device_resize_window),
+          '--shard_records', str(a.shard_records)]
   if a.reads_in_flight:
     argv += ['--reads_in_flight', str(a.reads_in_flight)]
   out = subprocess.run(argv, env=env, check=True, capture_output=True,
@@ -131,22 +165,27 @@ def prepare(a) -> None:
   for fmt in FORMATS:
     if not (a.root / f'tfds_{fmt}' / 'bench_jpegs').exists():
       input_throughput.prepare_tfds(folder, a.root / f'tfds_{fmt}', fmt)
+  if a.shard_records and not shards_dir(a).exists():
+    print(f'Writing {SHARD_FILES} TFRecord files of {a.shard_records} random '
+          f'records to {shards_dir(a)} ...')
+    write_shards(shards_dir(a), a.shard_records)
 
 
-def row(fmt: str, latency: float, read: dict, stream: dict) -> str:
-  if fmt == 'tfrecord':
+def row(fmt: str, latency: float, read: dict, stream: dict | None,
+        path: str = '') -> str:
+  """A table row; `stream` None: the read stage only."""
+  if not path and fmt == 'tfrecord':
     path = 'files interleaved'
-  elif read['reads_in_flight'] is None:  # the stream before reads in flight
-    path = 'one call per batch'
-  else:
+  elif not path:
     path = f'{read["reads_in_flight"]} in flight'
   requests = ('| – | – | – ' if 'requests_per_record' not in read else
               f'| {read["most_in_flight"]} | {read["kib_per_request"]:.0f} | '
               f'{read["requests_per_record"]:.2f} ')
+  whole = ('| – | – |' if stream is None else
+           f'| {stream["rate"]:,.0f} | {stream["cpu_us"] / 1e3:.2f} |')
   return (f'| {fmt} | {path} | {latency:g} | {read["rate"]:,.0f} '
-          f'{requests}| {read["cpu_us"]:.0f} | {read["peak_mib"]:,.0f} | '
-          f'{stream["rate"]:,.0f} | '
-          f'{stream["cpu_us"] / 1e3:.2f} |')
+          f'{requests}| {read["cpu_us"]:.0f} | {read["peak_mib"]:,.0f} '
+          f'{whole}')
 
 
 def main():
@@ -163,6 +202,9 @@ def main():
                  help='data.reads_in_flight for ArrayRecord; 0: its default')
   p.add_argument('--device_resize_window', type=int, default=0,
                  help='the stream as with this config value (0: host resize)')
+  p.add_argument('--shard_records', type=int, default=0,
+                 help='also the TFRecord read stage on 16 files of this many '
+                      'random ~110 KB records (ImageNet: about 1250); 0: not')
   p.add_argument('--measure', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--format', help=argparse.SUPPRESS)
   p.add_argument('--stage', help=argparse.SUPPRESS)
@@ -191,6 +233,12 @@ def main():
       read, stream = (child(a, fmt, stage, latency, shim)
                       for stage in ('read', 'stream'))
       print(row(fmt, latency, read, stream), flush=True)
+  if a.shard_records:
+    for latency in latencies:
+      read = child(a, 'shards', 'read', latency, shim)
+      print(row('tfrecord', latency, read, None,
+                f'{SHARD_FILES} files of {a.shard_records:,} random records '
+                '(~110 KB)'), flush=True)
 
 
 if __name__ == '__main__':

@@ -79,13 +79,18 @@ def test_quick_command_prints_a_row_per_format(tmp_path):
   out = subprocess.run(
       [sys.executable, str(BENCHMARKS / 'input_latency.py'), '--dir',
        str(tmp_path), '--num_files', '64', '--batch', '8', '--seconds', '0.3',
-       '--warmup', '1', '--latency_ms', '20'],
+       '--warmup', '1', '--latency_ms', '20', '--shard_records', '8'],
       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [line.split(' | ') for line in out.stdout.splitlines()
           if line.startswith(('| array_record', '| tfrecord'))]
   assert [r[:3] for r in rows] == [
       ['| array_record', f'{sources.READS_IN_FLIGHT} in flight', '20'],
-      ['| tfrecord', 'files interleaved', '20']]
+      ['| tfrecord', 'files interleaved', '20'],
+      ['| tfrecord', '16 files of 8 random records (~110 KB)', '20']]
   for r in rows:  # records/s, the most requests in flight: measured
     assert float(r[3].replace(',', '')) > 0 and int(r[4]) >= 1
+  # The shards' records are 90-130 KB: each 16 MiB request carries some.
+  shard_kib = float(rows[2][5])
+  assert 90e3 / 1024 <= shard_kib
+  assert [c.strip(' |') for c in rows[2][9:]] == ['–', '–']  # no stream
