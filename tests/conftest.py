@@ -1,6 +1,7 @@
-"""Test setup: 8 fake CPU devices so the sharded code paths run here, and a
-JAX compilation cache for each test process (each xdist worker has its own,
-so no two processes write one cache entry at once)."""
+"""Test setup: 8 fake CPU devices so the sharded code paths run here, and
+one JAX compilation cache for the whole test session: every xdist worker and
+every process a test starts (the environment reaches them) reads and writes
+it, under the cache's file lock."""
 import os
 import shutil
 import tempfile
@@ -8,16 +9,23 @@ import tempfile
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# Many tests compile the same tiny programs, in this process and in every
-# train.py they start (the environment reaches those); each compile of a
-# train step costs seconds here. Only compiles over 1 s are kept (JAX's
-# default), and only until the process ends its session.
-_CACHE = tempfile.mkdtemp(prefix='droppos_tests_jax_cache_')
-os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+# Many tests compile the same tiny programs, in this process, in the other
+# workers and in every train.py they start; each compile of a train step
+# costs seconds here. Only compiles over 1 s are kept (JAX's default), and
+# only until the session ends. A size limit turns on the cache's file lock
+# (filelock), so that no process reads an entry another is writing.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the xdist controller
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='droppos_tests_jax_cache_')
+  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
+  _OWNS_CACHE = True
+else:
+  _OWNS_CACHE = False
 
 
 def pytest_sessionfinish():
-  shutil.rmtree(_CACHE, ignore_errors=True)
+  if _OWNS_CACHE:
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 # Files that take minutes each: run first, so that with `--dist loadfile`
