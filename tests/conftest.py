@@ -14,18 +14,17 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # costs seconds here. Only compiles over 1 s are kept (JAX's default), and
 # only until the session ends. A size limit turns on the cache's file lock
 # (filelock), so that no process reads an entry another is writing.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the xdist controller
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+_OWNS_CACHE = 'DROPPOS_TESTS_JAX_CACHE' not in os.environ  # xdist controller
+if _OWNS_CACHE:  # the workers it starts inherit the variable
+  os.environ['DROPPOS_TESTS_JAX_CACHE'] = tempfile.mkdtemp(
       prefix='droppos_tests_jax_cache_')
-  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
-  _OWNS_CACHE = True
-else:
-  _OWNS_CACHE = False
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['DROPPOS_TESTS_JAX_CACHE']
+os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
 
 
 def pytest_sessionfinish():
   if _OWNS_CACHE:
-    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+    shutil.rmtree(os.environ['DROPPOS_TESTS_JAX_CACHE'], ignore_errors=True)
 
 
 # Files that take minutes each: run first, so that with `--dist loadfile`
