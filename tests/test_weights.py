@@ -304,17 +304,20 @@ def test_every_consumer_takes_every_source(sources, kind, fmt, consumer,
 
 # ------------------------------------------------------ damaged checkpoints ---
 
-def _largest_file(folder):
-  return max((p for p in pathlib.Path(folder).rglob('*') if p.is_file()),
-             key=lambda p: p.stat().st_size)
+def _data_files(step):
+  """The data files of a step's state. Which of them hold the parameters
+  (the rest: optimizer state, which weights.read does not need) depends on
+  the writers' timing, so each damage below hits them all."""
+  return [p for p in (step / 'state').rglob('*')
+          if p.is_file() and p.parent.name == 'd']
 
 
 DAMAGES = {
-    'truncated data file': lambda s: _largest_file(s / 'state').write_bytes(
-        _largest_file(s / 'state').read_bytes()[:100]),
-    'zeroed data file': lambda s: _largest_file(s / 'state').write_bytes(
-        bytes(_largest_file(s / 'state').stat().st_size)),
-    'deleted data file': lambda s: _largest_file(s / 'state').unlink(),
+    'truncated data files': lambda s: [p.write_bytes(p.read_bytes()[:100])
+                                       for p in _data_files(s)],
+    'zeroed data files': lambda s: [p.write_bytes(bytes(p.stat().st_size))
+                                    for p in _data_files(s)],
+    'deleted data files': lambda s: [p.unlink() for p in _data_files(s)],
     'damaged _METADATA': lambda s: (s / 'state' / '_METADATA').write_text('{"tr'),
     'damaged manifest': lambda s: (s / 'state' / 'manifest.ocdbt').write_bytes(
         b'garbage'),
