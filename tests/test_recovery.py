@@ -20,6 +20,7 @@ import pytest
 
 from droppos_jax import checkpoint, exit_codes
 from droppos_jax.errors import UserError
+from checkpoint_files import data_files
 from test_run_policy import open_run, tiny_disk  # noqa: F401  (a fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -53,25 +54,19 @@ def saved(tmp_path_factory):
   return workdir
 
 
-def _data_files(step):
-  return sorted((p for p in (step / 'state').rglob('*')
-                 if p.is_file() and p.parent.name == 'd'),
-                key=lambda p: p.stat().st_size)
-
-
 def _half_written(step):
   (step / checkpoint.COMMIT_MARKER).unlink()
-  for path in _data_files(step)[1:]:
+  for path in data_files(step)[1:]:
     path.unlink()
 
 
 DAMAGES = {  # name -> (damage to step 4, what the warning names)
-    'deleted data file': (lambda s: _data_files(s)[-1].unlink(),
+    'deleted data file': (lambda s: data_files(s)[-1].unlink(),
                           'missing file 4/state/'),
-    'truncated data file': (lambda s: _data_files(s)[-1].write_bytes(
-        _data_files(s)[-1].read_bytes()[:100]), 'is cut short (100 bytes'),
-    'zeroed data file': (lambda s: _data_files(s)[-1].write_bytes(
-        bytes(_data_files(s)[-1].stat().st_size)), 'is unreadable ('),
+    'truncated data file': (lambda s: data_files(s)[-1].write_bytes(
+        data_files(s)[-1].read_bytes()[:100]), 'is cut short (100 bytes'),
+    'zeroed data file': (lambda s: data_files(s)[-1].write_bytes(
+        bytes(data_files(s)[-1].stat().st_size)), 'is unreadable ('),
     'deleted manifest': (lambda s: (s / 'state' / 'manifest.ocdbt').unlink(),
                          'missing file 4/state/manifest.ocdbt'),
     'deleted _METADATA': (lambda s: (s / 'state' / '_METADATA').unlink(),

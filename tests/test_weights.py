@@ -20,6 +20,7 @@ from droppos_jax.errors import UserError
 from droppos_jax.evaluators import position_probe
 from droppos_jax.models import architecture, classifier, convert, droppos, vit
 from droppos_jax.models import weights
+from checkpoint_files import data_files
 import param_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -304,20 +305,15 @@ def test_every_consumer_takes_every_source(sources, kind, fmt, consumer,
 
 # ------------------------------------------------------ damaged checkpoints ---
 
-def _data_files(step):
-  """The data files of a step's state. Which of them hold the parameters
-  (the rest: optimizer state, which weights.read does not need) depends on
-  the writers' timing, so each damage below hits them all."""
-  return [p for p in (step / 'state').rglob('*')
-          if p.is_file() and p.parent.name == 'd']
-
-
+# Which data files hold the parameters (the rest: optimizer state, which
+# weights.read does not need) depends on the writers' timing, so each damage
+# to data files hits them all.
 DAMAGES = {
     'truncated data files': lambda s: [p.write_bytes(p.read_bytes()[:100])
-                                       for p in _data_files(s)],
+                                       for p in data_files(s)],
     'zeroed data files': lambda s: [p.write_bytes(bytes(p.stat().st_size))
-                                    for p in _data_files(s)],
-    'deleted data files': lambda s: [p.unlink() for p in _data_files(s)],
+                                    for p in data_files(s)],
+    'deleted data files': lambda s: [p.unlink() for p in data_files(s)],
     'damaged _METADATA': lambda s: (s / 'state' / '_METADATA').write_text('{"tr'),
     'damaged manifest': lambda s: (s / 'state' / 'manifest.ocdbt').write_bytes(
         b'garbage'),
