@@ -1,7 +1,8 @@
 """benchmarks/input_latency.py: its storage model (storage_latency.c) delays
-each read of a file under the prefix by the latency it is given, counts the
-requests, their bytes and the most in flight, and leaves other files alone;
-the benchmark's quick command prints its rows."""
+each read of a file under the prefix by the latency it is given (or, in
+block mode, each block fetched, as TensorFlow's GCS file system reads),
+counts the requests, their bytes and the most in flight, and leaves other
+files alone; the benchmark's quick command prints its rows."""
 import json
 import pathlib
 import shutil
@@ -70,6 +71,51 @@ def test_the_shim_delays_each_storage_request_by_the_latency(tmp_path):
   assert result['other'][:2] == [0, 0]
 
 
+# One thread reads the storage file from offset 0 in 4 KiB preads, then
+# one read larger than a block, then 4 KiB at offset 0 again.
+BLOCK_READER = r'''
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import input_latency
+storage, size = sys.argv[2], int(sys.argv[3])
+fd = os.open(storage, os.O_RDONLY)
+out = []
+for reads in ([(4096, o) for o in range(0, size, 4096)],
+              [(size, 0)], [(4096, 0)]):
+  input_latency.storage_stats()
+  start = time.perf_counter()
+  for n, offset in reads:
+    assert len(os.pread(fd, n, offset)) == min(n, size - offset)
+  out.append([time.perf_counter() - start, input_latency.storage_stats()])
+print(json.dumps(out))
+'''
+
+
+def test_block_reads_make_a_request_per_block_as_tensorflows_gcs_reader(
+    tmp_path):
+  shim = input_latency.build_shim(tmp_path)
+  (tmp_path / 'storage').mkdir()
+  storage = tmp_path / 'storage' / 'shard'
+  block, blocks, latency_ms = 1 << 18, 4, 40
+  size = block * blocks - 1000  # the last block is short
+  storage.write_bytes(bytes(size))
+  env = dict(LD_PRELOAD=str(shim), STORAGE_LATENCY_MS=str(latency_ms),
+             STORAGE_LATENCY_PREFIX=str((tmp_path / 'storage').resolve()),
+             STORAGE_LATENCY_BLOCK_MB=str(block / (1 << 20)))
+  out = subprocess.run(
+      [sys.executable, '-c', BLOCK_READER, str(BENCHMARKS), str(storage),
+       str(size)], env=env, capture_output=True, text=True, timeout=60,
+      check=True)
+  sequential, larger, again = json.loads(out.stdout)
+  # 64 small reads per block: one request per block, of the block's bytes
+  # (the file's end clips the last one).
+  assert sequential[1] == [blocks, size, 1]
+  assert sequential[0] >= blocks * latency_ms / 1e3
+  assert larger[1] == [1, size, 1]  # a read larger than a block: its own
+  # Offset 0 again lies before the last fetched block: a new block.
+  assert again[1] == [1, block, 1] and again[0] >= latency_ms / 1e3
+
+
 def test_without_the_shim_there_are_no_stats():
   assert input_latency.storage_stats() is None
 
@@ -90,7 +136,7 @@ def test_quick_command_prints_a_row_per_format(tmp_path):
       ['| tfrecord', '16 files of 8 random records (~110 KB)', '20']]
   for r in rows:  # records/s, the most requests in flight: measured
     assert float(r[3].replace(',', '')) > 0 and int(r[4]) >= 1
-  # The shards' records are 90-130 KB: each 16 MiB request carries some.
-  shard_kib = float(rows[2][5])
+  # The shards' records are 90-130 KB: each request carries some.
+  shard_kib = float(rows[2][5].replace(',', ''))
   assert 90e3 / 1024 <= shard_kib
-  assert [c.strip(' |') for c in rows[2][9:]] == ['–', '–']  # no stream
+  assert [c.strip(' |') for c in rows[2][10:]] == ['–', '–']  # no stream
