@@ -39,8 +39,9 @@ TFRECORD_NOTE = (
     'round of {cycle} files. For a global order on any host count, prepare '
     'the dataset with `tfds build --file_format=array_record`.')
 # TFRecord reading: files interleaved per round, records shuffled per window,
-# each file read in requests of TFRECORD_BUFFER bytes (hundreds of records a
-# request, so that a request's latency on cloud storage is paid rarely).
+# each file read TFRECORD_BUFFER bytes at a time (hundreds of records; on
+# gs:// TensorFlow's GCS file system fetches its own 64 MiB blocks, one
+# request each, and larger reads here cost more CPU per record).
 TFRECORD_CYCLE = 4
 TFRECORD_WINDOW = 1024
 TFRECORD_BUFFER = 16 << 20
