@@ -83,7 +83,8 @@ static void request(int fd, off_t offset, long n) {
   atomic_fetch_sub(&in_flight, 1);
 }
 
-/* The block each file descriptor last fetched, [start, end). */
+/* The block each file descriptor last fetched, [start, end). Unlocked: in
+   block mode each file is read by one thread at a time, as TFRecord files. */
 #define MAX_FD 65536
 static struct { off_t start, end; } fetched[MAX_FD];
 
